@@ -1,0 +1,199 @@
+"""Checkpoints in diffusers' folder layout: reading (top-level or `unet/` + `scheduler/` subfolders,
+safetensors or weights-only pickles, legacy attention names) and writing (the top-level layout)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from app.nets.config import SchedulerConfig, UNetConfig
+from app.nets.errors import CheckpointError
+from app.nets.unet import UNet
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "SchedulerConfig",
+    "load_checkpoint",
+    "read_state_dict",
+    "save_checkpoint",
+    "unet_from_state_dict",
+]
+
+CONFIG = "config.json"
+SCHEDULER_CONFIG = "scheduler_config.json"
+WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # in order of preference
+_LAYOUT = f"{CONFIG}, {SCHEDULER_CONFIG} and {WEIGHTS[0]} (or .bin), or unet/ and scheduler/ subfolders"
+
+# diffusers files of 2022 name the attention projections as its old AttentionBlock did.
+_LEGACY_ATTENTION = re.compile(r"(.*\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)")
+_LEGACY_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+@dataclass
+class Checkpoint:
+    """A loaded model: the ε-network (float32, eval mode) and the forward process it was trained with."""
+
+    unet: UNet
+    scheduler: SchedulerConfig
+    name: str
+    source: str  # a folder path, "hf:org/name[@revision]" or "PRESET:weights"
+
+    @property
+    def num_parameters(self) -> int:
+        return self.unet.num_parameters()
+
+    @property
+    def resolution(self) -> int:
+        return self.unet.config.sample_size
+
+    @property
+    def channels(self) -> int:
+        return self.unet.config.in_channels
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Tensors of a .safetensors file, or of a pickle (.bin/.ckpt/.pt/.pth) read with weights_only=True, which
+    runs no code from the file; floating-point tensors are returned as float32."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        try:
+            state = load_file(path)
+        except SafetensorError as e:
+            raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(
+                f"{path}: refused: this pickle needs arbitrary code to load, and only plain tensors are read "
+                f"(torch.load weights_only=True said: {str(e).splitlines()[0]})"
+            ) from None
+        except (RuntimeError, EOFError, OSError) as e:
+            raise CheckpointError(f"{path}: not a readable PyTorch weights file ({e})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(
+            f"{path}: expected a flat dict of tensors (a state_dict), got {type(state).__name__}"
+        )
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _few(keys: list[str]) -> str:
+    return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
+def unet_from_state_dict(
+    config: UNetConfig, state: dict[str, Tensor], *, source: str, device: str | torch.device = "cpu"
+) -> UNet:
+    """The UNet of `config` holding exactly the tensors of `state` (diffusers names, legacy attention names
+    accepted), in eval mode on `device`; a missing, unexpected or misshapen tensor raises CheckpointError."""
+    renamed = {}
+    for key, value in state.items():
+        legacy = _LEGACY_ATTENTION.fullmatch(key)
+        renamed[f"{legacy[1]}{_LEGACY_NAMES[legacy[2]]}.{legacy[3]}" if legacy else key] = value
+    with torch.device("meta"):  # no random initialisation: every parameter is replaced below
+        unet = UNet(config)
+    expected = unet.state_dict()
+    missing = sorted(expected.keys() - renamed.keys())
+    unexpected = sorted(renamed.keys() - expected.keys())
+    misshapen = [
+        f"{k} expected {tuple(expected[k].shape)} found {tuple(renamed[k].shape)}"
+        for k in sorted(expected.keys() & renamed.keys())
+        if expected[k].shape != renamed[k].shape
+    ]
+    problems = [
+        f"{len(missing)} missing keys: {_few(missing)}" if missing else "",
+        f"{len(unexpected)} unexpected keys: {_few(unexpected)}" if unexpected else "",
+        f"{len(misshapen)} wrong shapes: {_few(misshapen)}" if misshapen else "",
+    ]
+    if any(problems):
+        raise CheckpointError(
+            f"{source}: the weights do not match the config ({'; '.join(p for p in problems if p)})"
+        )
+    unet.load_state_dict(renamed, strict=True, assign=True)
+    return unet.to(device).eval()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with path.open() as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read the JSON config ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return d
+
+
+def _parse(cls: Any, path: Path) -> Any:
+    d = _read_json(path)
+    try:
+        return cls.from_dict(d)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _find(root: Path, subfolder: str, name: str) -> Path:
+    """`name` at the top of `root`, else in its `subfolder`."""
+    for candidate in (root / name, root / subfolder / name):
+        if candidate.is_file():
+            return candidate
+    raise CheckpointError(f"{root}: no {name} (nor {subfolder}/{name}); expected {_LAYOUT}")
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    device: str | torch.device = "cpu",
+    scheduler: SchedulerConfig | None = None,
+) -> Checkpoint:
+    """A diffusers UNet2DModel + DDPMScheduler folder: top-level files, or a pipeline's `unet/` and
+    `scheduler/` subfolders. `scheduler` replaces a scheduler_config.json, which is otherwise required."""
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(
+            f"{root}: {'not a folder' if root.exists() else 'no such folder'}; expected {_LAYOUT}"
+        )
+    config_path = _find(root, "unet", CONFIG)
+    config = _parse(UNetConfig, config_path)
+    if scheduler is None:
+        scheduler = _parse(SchedulerConfig, _find(root, "scheduler", SCHEDULER_CONFIG))
+    for name in WEIGHTS:
+        weights = config_path.parent / name
+        if weights.is_file():
+            unet = unet_from_state_dict(config, read_state_dict(weights), source=str(weights), device=device)
+            return Checkpoint(unet=unet, scheduler=scheduler, name=root.resolve().name, source=str(root))
+    raise CheckpointError(f"{config_path.parent}: no {' or '.join(WEIGHTS)} next to {CONFIG}")
+
+
+def _write_atomically(path: Path, write: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: str | os.PathLike[str], unet: UNet, scheduler: SchedulerConfig) -> Path:
+    """Write config.json, scheduler_config.json and diffusion_pytorch_model.safetensors into the folder `path`
+    (created if needed), which diffusers' `UNet2DModel.from_pretrained` and `DDPMScheduler.from_pretrained`
+    load. Each file is replaced atomically, so a reader never sees half a file."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
+    _write_atomically(folder / WEIGHTS[0], lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    for name, config in ((CONFIG, unet.config.to_dict()), (SCHEDULER_CONFIG, scheduler.to_dict())):
+        _write_atomically(
+            folder / name, lambda p, c=config: p.write_text(json.dumps(c, indent=2, sort_keys=True))
+        )
+    return folder

@@ -1,0 +1,210 @@
+"""Checkpoint folders: ours load in diffusers, diffusers' (2022-era too) load in ours, bad ones fail."""
+
+import json
+
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from safetensors.torch import save_file
+
+from app.nets.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    SchedulerConfig,
+    load_checkpoint,
+    save_checkpoint,
+)
+from app.nets.unet import UNet
+
+SCHEDULER = SchedulerConfig(variance_type="fixed_small")
+
+
+@pytest.fixture
+def x_t():
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(7))
+    return x, torch.tensor([12, 730])
+
+
+@pytest.fixture
+def diffusers_unet(small_config, randomize):
+    torch.manual_seed(0)
+    return randomize(UNet2DModel.from_config(small_config.to_dict()), 0)
+
+
+def eps(model, x_t):
+    with torch.no_grad():
+        out = model(*x_t)
+    return out if isinstance(out, torch.Tensor) else out.sample
+
+
+def test_saved_checkpoint_loads_in_diffusers(tmp_path, random_unet, x_t):
+    unet = random_unet()
+    save_checkpoint(tmp_path / "ckpt", unet, SCHEDULER)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "scheduler_config.json",
+    ]
+    theirs = UNet2DModel.from_pretrained(tmp_path / "ckpt").eval()
+    scheduler = DDPMScheduler.from_pretrained(tmp_path / "ckpt")
+    assert scheduler.config.variance_type == "fixed_small"
+    torch.testing.assert_close(eps(theirs, x_t), eps(unet, x_t), rtol=1e-5, atol=1e-5)
+
+
+def test_save_then_load_is_exact(tmp_path, random_unet, x_t):
+    unet = random_unet()
+    save_checkpoint(tmp_path, unet, SCHEDULER)
+    ckpt = load_checkpoint(tmp_path)
+    assert isinstance(ckpt, Checkpoint)
+    assert (ckpt.scheduler, ckpt.unet.config, ckpt.resolution, ckpt.channels) == (
+        SCHEDULER,
+        unet.config,
+        28,
+        1,
+    )
+    assert ckpt.num_parameters == unet.num_parameters()
+    assert not ckpt.unet.training
+    assert torch.equal(eps(ckpt.unet, x_t), eps(unet, x_t))
+
+
+@pytest.mark.parametrize("safe_serialization", [True, False], ids=["safetensors", "bin"])
+@pytest.mark.parametrize("layout", ["top-level", "pipeline"])
+def test_diffusers_folders_load(tmp_path, diffusers_unet, x_t, layout, safe_serialization):
+    scheduler = DDPMScheduler.from_config(SCHEDULER.to_dict())
+    if layout == "pipeline":
+        DDPMPipeline(diffusers_unet, scheduler).save_pretrained(
+            tmp_path, safe_serialization=safe_serialization
+        )
+        assert (tmp_path / "model_index.json").is_file() and (tmp_path / "unet").is_dir()
+    else:
+        diffusers_unet.save_pretrained(tmp_path, safe_serialization=safe_serialization)
+        scheduler.save_pretrained(tmp_path)
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt.scheduler == SCHEDULER
+    torch.testing.assert_close(eps(ckpt.unet, x_t), eps(diffusers_unet, x_t), rtol=1e-5, atol=1e-5)
+
+
+def test_legacy_attention_names_load(tmp_path, diffusers_unet, x_t):
+    legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    state = {}
+    for key, value in diffusers_unet.state_dict().items():
+        for new, old in legacy.items():
+            key = key.replace(f".{new}.", f".{old}.")
+        state[key] = value
+    assert "mid_block.attentions.0.proj_attn.weight" in state
+    diffusers_unet.save_config(tmp_path)
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(SCHEDULER.to_dict()))
+    torch.save(state, tmp_path / "diffusion_pytorch_model.bin")
+    ckpt = load_checkpoint(tmp_path)
+    torch.testing.assert_close(eps(ckpt.unet, x_t), eps(diffusers_unet, x_t), rtol=1e-5, atol=1e-5)
+
+
+def test_safetensors_preferred_and_scheduler_override(tmp_path, random_unet, x_t):
+    unet, other = random_unet(seed=1), random_unet(seed=2)
+    save_checkpoint(tmp_path, unet, SCHEDULER)
+    torch.save(other.state_dict(), tmp_path / "diffusion_pytorch_model.bin")
+    (tmp_path / "scheduler_config.json").unlink()
+    override = SchedulerConfig(num_train_timesteps=500)
+    ckpt = load_checkpoint(tmp_path, scheduler=override)
+    assert ckpt.scheduler == override
+    assert torch.equal(eps(ckpt.unet, x_t), eps(unet, x_t))
+
+
+@pytest.fixture
+def saved(tmp_path, random_unet):
+    unet = random_unet()
+    save_checkpoint(tmp_path, unet, SCHEDULER)
+    return tmp_path, unet.state_dict()
+
+
+def rewrite_weights(folder, state):
+    save_file({k: v.contiguous() for k, v in state.items()}, folder / "diffusion_pytorch_model.safetensors")
+
+
+def error_of(path, **kwargs):
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path, **kwargs)
+    return str(e.value)
+
+
+def test_missing_key(saved):
+    folder, state = saved
+    del state["mid_block.attentions.0.to_k.bias"]
+    rewrite_weights(folder, state)
+    message = error_of(folder)
+    assert "1 missing keys: mid_block.attentions.0.to_k.bias" in message
+    assert "diffusion_pytorch_model.safetensors" in message
+
+
+def test_unexpected_key(saved):
+    folder, state = saved
+    state["mid_block.attentions.0.rotary.weight"] = torch.zeros(3)
+    rewrite_weights(folder, state)
+    assert "1 unexpected keys: mid_block.attentions.0.rotary.weight" in error_of(folder)
+
+
+def test_wrong_shape(saved):
+    folder, state = saved
+    state["conv_out.weight"] = torch.zeros(3, 32, 3, 3)
+    rewrite_weights(folder, state)
+    assert "conv_out.weight expected (1, 32, 3, 3) found (3, 32, 3, 3)" in error_of(folder)
+
+
+def test_config_that_does_not_match_the_weights(saved):
+    folder, _ = saved
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"block_out_channels": [64, 128, 128]}))
+    message = error_of(folder)
+    assert "do not match the config" in message
+    assert "conv_in.weight expected (64, 1, 3, 3) found (32, 1, 3, 3)" in message
+
+
+def test_unsupported_config_value_names_the_file(saved):
+    folder, _ = saved
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"time_embedding_type": "fourier"}))
+    message = error_of(folder)
+    assert str(folder / "config.json") in message and "'time_embedding_type' = 'fourier'" in message
+
+
+def test_pickle_named_safetensors(saved):
+    folder, state = saved
+    torch.save(state, folder / "diffusion_pytorch_model.safetensors")
+    assert "diffusion_pytorch_model.safetensors: not a safetensors file" in error_of(folder)
+
+
+class Payload:
+    """Stands for any object whose unpickling would run code."""
+
+
+def test_pickle_with_code_is_refused(saved):
+    folder, state = saved
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save({"state_dict": state, "extra": Payload()}, folder / "diffusion_pytorch_model.bin")
+    message = error_of(folder)
+    assert "diffusion_pytorch_model.bin: refused" in message and "arbitrary code" in message
+
+
+def test_missing_files_and_folders(saved, tmp_path):
+    folder, _ = saved
+    assert "no such folder" in error_of(tmp_path / "absent")
+    assert "not a folder" in error_of(folder / "config.json")
+    (folder / "scheduler_config.json").unlink()
+    assert "no scheduler_config.json (nor scheduler/scheduler_config.json)" in error_of(folder)
+    (folder / "config.json").unlink()
+    assert "no config.json (nor unet/config.json)" in error_of(folder)
+
+
+def test_missing_weights(saved):
+    folder, _ = saved
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    assert "no diffusion_pytorch_model.safetensors or diffusion_pytorch_model.bin" in error_of(folder)
+
+
+def test_loads_onto_the_requested_device_in_float32(tmp_path, random_unet):
+    unet = random_unet().to(torch.float16)
+    save_checkpoint(tmp_path, unet, SCHEDULER)
+    ckpt = load_checkpoint(tmp_path, device="cpu")
+    assert {p.dtype for p in ckpt.unet.parameters()} == {torch.float32}
+    assert {p.device.type for p in ckpt.unet.parameters()} == {"cpu"}
+    assert isinstance(ckpt.unet, UNet)
