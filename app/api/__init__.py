@@ -1,0 +1,1 @@
+"""The HTTP layer: FastAPI app factory, routers, schemas, dependencies and error mapping."""

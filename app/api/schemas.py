@@ -1,0 +1,255 @@
+"""Request and response bodies of API.md, with the limits and descriptions that /openapi.json publishes.
+
+Requests are strict (no "4" for 4, no unknown fields) so that a typo is a 422 naming the field rather
+than a silently ignored option. Limits that depend on the model or on server settings (steps ≤ T,
+n ≤ max_images) are checked by the routes, which answer with the same 422 shape.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_SEED = 2**63 - 1
+Sampler = Literal["ddpm", "ddim"]
+Output = Literal["png", "npy"]
+Kind = Literal["sample", "interpolate", "reconstruct", "likelihood"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+_MODEL = Field(None, description="model name from GET /models; default: the server's default model")
+_SEED = Field(None, ge=0, le=MAX_SEED, description="random seed; random when omitted (the job reports it)")
+_STREAM_EVERY = Field(
+    10, ge=0, le=100_000, description="publish an x̂₀ preview on /stream every k steps (0: none)"
+)
+_OUTPUT = Field("png", description="format of the result image URLs: 8-bit PNG or float32 .npy")
+
+
+class Request(BaseModel):
+    """Base of every request body: strict types and no unknown fields."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+# Errors
+
+
+class ErrorInfo(BaseModel):
+    code: str = Field(description="stable machine-readable code, e.g. validation_error, not_found")
+    message: str = Field(description="what went wrong and what to change")
+    details: list[dict[str, Any]] | None = Field(
+        None, description="for 422: one {field, message} per problem"
+    )
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+# Jobs
+
+
+class Progress(BaseModel):
+    step: int = Field(description="denoising steps done")
+    steps: int = Field(description="denoising steps in total (0 until the job starts)")
+
+
+class JobUrls(BaseModel):
+    self: str = Field(description="GET: this job")
+    stream: str = Field(description="GET: Server-Sent Events with progress previews")
+
+
+class ImageRef(BaseModel):
+    url: str = Field(description="download URL of one result image (.png or .npy per the request's output)")
+
+
+class ImagesResult(BaseModel):
+    """Result of sample, interpolate and reconstruct jobs."""
+
+    model_config = ConfigDict(extra="allow")
+
+    images: list[ImageRef] = Field(description="one entry per image, in order")
+    grid_url: str = Field(description="all images tiled into one PNG")
+    npy_url: str = Field(description="all images as one float32 .npy of shape (n, C, H, W) in [-1, 1]")
+
+
+class LikelihoodTerms(BaseModel):
+    prior: list[float] = Field(description="L_T per image, bits/dim")
+    diffusion: list[float] = Field(description="Σ L_{t-1} per image, bits/dim")
+    decoder: list[float] = Field(description="L_0 per image (discretized Gaussian decoder), bits/dim")
+
+
+class LikelihoodResult(BaseModel):
+    """Result of likelihood jobs."""
+
+    model_config = ConfigDict(extra="allow")
+
+    bits_per_dim: list[float] = Field(description="the variational bound per image, bits/dim")
+    terms: LikelihoodTerms
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class Job(BaseModel):
+    """A generation job (GET /jobs/{id}); the same object is the `data` of the stream's `done` event."""
+
+    id: str = Field(description="unguessable job id")
+    kind: Kind
+    model: str
+    status: JobStatus
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    queue_position: int | None = Field(description="1-based place in the model's queue while queued")
+    progress: Progress
+    seed: int | None = Field(description="the seed actually used")
+    params: dict[str, Any] = Field(description="the validated request, defaults filled in")
+    result: ImagesResult | LikelihoodResult | None = Field(description="set when the job succeeded")
+    error: JobError | None = Field(description="set when the job failed")
+    urls: JobUrls
+
+
+class ProgressEvent(BaseModel):
+    """`data` of a `progress` event on GET /stream/{id}."""
+
+    step: int
+    steps: int
+    t: int = Field(description="the timestep just denoised")
+    x0: list[str] = Field(description="base64 PNG of the current x̂₀ prediction, one per image")
+    xt: list[str] | None = Field(None, description="base64 PNG of x_t, one per image (only with ?xt=true)")
+
+
+# POST /sample
+
+
+class SampleRequest(Request):
+    """Unconditional sampling: Algorithm 2 of Ho et al. 2020 (sampler "ddpm") or DDIM."""
+
+    model: str | None = _MODEL
+    n: int = Field(1, ge=1, le=4096, description="number of images, 1..max_images (server setting)")
+    steps: int | None = Field(
+        None, ge=1, description="reverse steps, 1..T (default T); fewer use the trailing timesteps"
+    )
+    sampler: Sampler = Field("ddpm", description="ddpm (ancestral, Algorithm 2) or ddim")
+    eta: float = Field(
+        0.0, ge=0.0, le=1.0, description="DDIM η (ddim only): 0 deterministic, 1 ancestral-like"
+    )
+    variance: Literal["beta", "posterior", "model"] = Field(
+        "model", description="DDPM σ²: beta (β_t), posterior (β̃_t) or the checkpoint's (ddpm only)"
+    )
+    clip_denoised: bool = Field(True, description="clip x̂₀ to [-1, 1] inside each step")
+    seed: int | None = _SEED
+    latents: str | None = Field(
+        None, description="base64 .npy, float32 (n, C, H, W): the x_T to start from (default: from the seed)"
+    )
+    stream_every: int = _STREAM_EVERY
+    output: Output = _OUTPUT
+
+    @model_validator(mode="after")
+    def _sampler_options(self) -> SampleRequest:
+        if self.sampler == "ddpm" and self.eta != 0:
+            raise ValueError("eta applies to sampler 'ddim' only")
+        if self.sampler == "ddim" and self.variance != "model":
+            raise ValueError("variance applies to sampler 'ddpm' only (DDIM's σ comes from eta)")
+        return self
+
+
+# POST /interpolate, /reconstruct, /likelihood (their routes land later)
+
+
+class ImageSource(Request):
+    image: str = Field(description="base64 PNG/JPEG/WebP of the model's resolution and channels")
+
+
+class SeedSource(Request):
+    seed: int = Field(ge=0, le=MAX_SEED, description="use a fresh sample drawn with this seed")
+
+
+class JobImageSource(Request):
+    job: str = Field(description="id of a succeeded job of yours")
+    index: int = Field(0, ge=0, description="which of its images")
+
+
+Source = ImageSource | SeedSource | JobImageSource
+
+
+class InterpolateRequest(Request):
+    """Interpolation in latent space at a chosen t (§4.3, Fig. 8–9 of Ho et al. 2020)."""
+
+    model: str | None = _MODEL
+    a: Source
+    b: Source
+    t: int | list[int] = Field(500, description="1..T, or several t for coarse-to-fine rows (Fig. 9)")
+    lambdas: list[float] | None = Field(
+        None, min_length=1, max_length=256, description="mixing weights in [0, 1]"
+    )
+    num: int | None = Field(None, ge=1, le=256, description="instead of lambdas: an even spread over [0, 1]")
+    steps: int | None = Field(None, ge=1, description="reverse steps from t (default: every step t..1)")
+    seed: int | None = _SEED
+    stream_every: int = Field(0, ge=0, le=100_000, description="x̂₀ preview every k steps (0: none)")
+    output: Output = _OUTPUT
+
+    @model_validator(mode="after")
+    def _one_spread(self) -> InterpolateRequest:
+        if (self.lambdas is None) == (self.num is None):
+            raise ValueError("give exactly one of lambdas or num")
+        if self.lambdas is not None and not all(0.0 <= v <= 1.0 for v in self.lambdas):
+            raise ValueError("lambdas must lie in [0, 1]")
+        return self
+
+
+class ReconstructRequest(Request):
+    """Stochastic reconstructions sharing one x_t (Fig. 7 of Ho et al. 2020)."""
+
+    model: str | None = _MODEL
+    image: str | None = Field(None, description="base64 PNG/JPEG/WebP (or give job and index)")
+    job: str | None = Field(None, description="id of a succeeded job of yours")
+    index: int = Field(0, ge=0, description="which image of `job`")
+    t: int = Field(500, ge=1, description="1..T: how far to diffuse before the reverse runs")
+    n: int = Field(4, ge=1, le=4096, description="independent reverse runs, 1..max_images")
+    seed: int | None = _SEED
+    stream_every: int = Field(0, ge=0, le=100_000, description="x̂₀ preview every k steps (0: none)")
+    output: Output = _OUTPUT
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ReconstructRequest:
+        if (self.image is None) == (self.job is None):
+            raise ValueError("give exactly one of image or job")
+        return self
+
+
+class LikelihoodRequest(Request):
+    """The variational bound in bits/dim (Table 1, Fig. 5 of Ho et al. 2020)."""
+
+    model: str | None = _MODEL
+    images: list[str] = Field(min_length=1, max_length=4096, description="base64 PNG/JPEG/WebP images")
+    seed: int | None = _SEED
+    curve: bool = Field(False, description="also return per-t rate (bits) and distortion (RMSE, 0–255)")
+
+
+# Models and health
+
+
+class ModelInfo(BaseModel):
+    name: str
+    default: bool = Field(description="used when a request names no model")
+    resolution: int = Field(description="image height and width in pixels")
+    channels: int
+    timesteps: int = Field(description="T, the number of diffusion steps it was trained with")
+    beta_schedule: str
+    variance: Literal["beta", "posterior"] = Field(description="the checkpoint's default DDPM σ²")
+    parameters: int
+    source: str = Field(description="where it was loaded from")
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Ready(BaseModel):
+    status: Literal["ready"] = "ready"
+    models: list[str]

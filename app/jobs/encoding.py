@@ -1,0 +1,49 @@
+"""Tensors to the bytes clients download: PNG per image, .npy per image, one grid PNG, base64 previews.
+
+CPU-bound work that runs on the job runner's encoder threads, never on the engine loop or event loop.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import torch
+
+from app.images import make_grid, png_bytes, to_uint8
+
+GRID = "grid.png"
+
+
+def png_name(k: int) -> str:
+    return f"{k}.png"
+
+
+def npy_name(k: int) -> str:
+    return f"{k}.npy"
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def preview_pngs(x: torch.Tensor) -> list[str]:
+    """(n, C, H, W) in model space -> n base64 PNG strings (values outside [-1, 1] are clipped)."""
+    return [base64.b64encode(png_bytes(image)).decode("ascii") for image in to_uint8(x)]
+
+
+def result_blobs(images: torch.Tensor, *, grid_columns: int | None = None) -> dict[str, bytes]:
+    """Every downloadable result of a finished job: `k.png`, `k.npy` ((1, C, H, W) float32) and the grid."""
+    images = images.detach().to("cpu", torch.float32)
+    blobs: dict[str, bytes] = {}
+    for k, image in enumerate(to_uint8(images)):
+        blobs[png_name(k)] = png_bytes(image)
+    values = images.numpy()
+    for k in range(values.shape[0]):
+        blobs[npy_name(k)] = npy_bytes(values[k : k + 1])
+    if values.shape[0]:
+        blobs[GRID] = png_bytes(make_grid(images, ncol=grid_columns))
+    return blobs

@@ -1,0 +1,65 @@
+"""Every Prometheus metric of the service, created once at import on the default registry.
+
+Module-level objects, so building the app several times in one process (tests) never registers a
+metric twice. The engine imports its `ENGINE_*` metrics from here; the API and job runner the rest.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# Seconds, from a fast API answer to a long `?wait=true` or SSE stream.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
+# Seconds, from a few DDIM steps on a GPU to a full 1000-step chain on a CPU.
+_JOB_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+HTTP_REQUEST_SECONDS = Histogram(
+    "ddpm_http_request_duration_seconds",
+    "HTTP request latency, by route template, method and status code",
+    ["route", "method", "status"],
+    buckets=_LATENCY_BUCKETS,
+)
+QUEUE_WAIT_SECONDS = Histogram(
+    "ddpm_queue_wait_seconds",
+    "Time from a job's creation to its first denoising step, by kind",
+    ["kind"],
+    buckets=_JOB_BUCKETS,
+)
+JOB_SECONDS = Histogram(
+    "ddpm_job_duration_seconds",
+    "Time from a job's first step to its end, by kind",
+    ["kind"],
+    buckets=_JOB_BUCKETS,
+)
+JOBS = Counter("ddpm_jobs", "Jobs that ended, by kind and outcome", ["kind", "outcome"])
+IMAGES = Counter("ddpm_images", "Images produced by succeeded jobs, by model", ["model"])
+MODEL_LOAD_SECONDS = Gauge("ddpm_model_load_seconds", "Seconds it took to load each model", ["model"])
+DEVICE_MEMORY_BYTES = Gauge(
+    "ddpm_device_memory_bytes", "Accelerator memory held by tensors (torch.cuda.memory_allocated)", ["device"]
+)
+SSE_STREAMS = Gauge("ddpm_sse_streams", "Open /stream connections")
+
+ENGINE_STEP_SECONDS = Histogram(
+    "ddpm_engine_step_seconds",
+    "Wall time of one engine iteration (one batched U-Net forward and the per-row updates)",
+    ["model"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+ENGINE_BATCH_SIZE = Histogram(
+    "ddpm_engine_batch_size",
+    "Rows in each U-Net forward",
+    ["model"],
+    buckets=tuple(2**i for i in range(9)),  # 1, 2, 4, …, 256
+)
+ENGINE_SLOTS = Gauge("ddpm_engine_slots", "Image slots by state (running | waiting)", ["model", "state"])
+ENGINE_FORWARDS = Counter("ddpm_engine_forwards", "U-Net forward passes", ["model"])
+
+
+def update_device_memory() -> None:
+    """Refresh the device-memory gauge (called at scrape time; a no-op without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    for index in range(torch.cuda.device_count()):
+        DEVICE_MEMORY_BYTES.labels(device=f"cuda:{index}").set(torch.cuda.memory_allocated(index))

@@ -1,0 +1,173 @@
+"""The JobStore contract: every backend must pass these (they define what the API may rely on)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from app.jobs import EventType, InvalidTransition, JobNotFound, JobRecord, Status
+
+pytestmark = pytest.mark.anyio
+
+
+def new_job(owner: str | None = None) -> JobRecord:
+    return JobRecord(id=uuid.uuid4().hex, kind="sample", model="tiny", params={"n": 2}, seed=7, owner=owner)
+
+
+async def collect(store, job_id: str, after_id: int = 0, timeout: float = 2.0) -> list:
+    async def run() -> list:
+        return [event async for event in store.events(job_id, after_id)]
+
+    return await asyncio.wait_for(run(), timeout)
+
+
+async def test_created_job_reads_back_and_is_a_copy(make_store):
+    store = make_store()
+    job = new_job()
+    await store.create(job)
+    got = await store.get(job.id, owner=None)
+    assert got == job
+    got.params["n"] = 99
+    assert (await store.get(job.id, owner=None)).params == {"n": 2}
+
+
+async def test_unknown_job_is_none_and_updates_fail(make_store):
+    store = make_store()
+    assert await store.get("nope", owner=None) is None
+    assert await store.get_result("nope", "0.png") is None
+    with pytest.raises(JobNotFound):
+        await store.update("nope", step=1)
+    with pytest.raises(JobNotFound):
+        await store.append_event("nope", EventType.PROGRESS, {})
+    with pytest.raises(JobNotFound):
+        await collect(store, "nope")
+
+
+async def test_a_job_is_visible_only_to_its_owner(make_store):
+    store = make_store()
+    mine = new_job(owner="hash-a")
+    await store.create(mine)
+    assert (await store.get(mine.id, owner="hash-a")).id == mine.id
+    assert await store.get(mine.id, owner="hash-b") is None
+    assert await store.get(mine.id, owner=None) is None
+
+
+async def test_status_moves_forward_only(make_store):
+    store = make_store()
+    job = new_job()
+    await store.create(job)
+    running = await store.update(job.id, status=Status.RUNNING, steps=10)
+    assert (running.status, running.steps) == (Status.RUNNING, 10)
+    done = await store.update(job.id, status=Status.SUCCEEDED, result={"image_count": 2})
+    assert done.status is Status.SUCCEEDED
+    for backwards in (Status.RUNNING, Status.QUEUED, Status.CANCELLED, Status.FAILED):
+        with pytest.raises(InvalidTransition):
+            await store.update(job.id, status=backwards)
+    assert (await store.get(job.id, owner=None)).status is Status.SUCCEEDED
+
+
+@pytest.mark.parametrize("end", [Status.CANCELLED, Status.FAILED])
+async def test_a_queued_job_can_end_without_running(make_store, end):
+    store = make_store()
+    job = new_job()
+    await store.create(job)
+    assert (await store.update(job.id, status=end)).status is end
+
+
+async def test_a_queued_job_cannot_succeed_without_running(make_store):
+    store = make_store()
+    job = new_job()
+    await store.create(job)
+    with pytest.raises(InvalidTransition):
+        await store.update(job.id, status=Status.SUCCEEDED)
+
+
+async def test_event_ids_count_from_one_and_replay_in_order(make_store):
+    store = make_store()
+    job = new_job()
+    await store.create(job)
+    for step in (1, 2, 3):
+        event = await store.append_event(job.id, EventType.PROGRESS, {"step": step})
+        assert event.id == step
+    await store.append_event(job.id, EventType.DONE, {"status": "succeeded"})
+    events = await collect(store, job.id)
+    assert [e.id for e in events] == [1, 2, 3, 4]
+    assert [e.data.get("step") for e in events[:3]] == [1, 2, 3]
+    assert events[-1].type is EventType.DONE
+
+
+async def test_resume_after_an_id_gives_only_later_events(make_store):
+    store = make_store()
+    job = new_job()
+    await store.create(job)
+    for step in range(1, 6):
+        await store.append_event(job.id, EventType.PROGRESS, {"step": step})
+    await store.append_event(job.id, EventType.ERROR, {"code": "nan", "message": "x"})
+    assert [e.id for e in await collect(store, job.id, after_id=3)] == [4, 5, 6]
+    assert [e.id for e in await collect(store, job.id, after_id=6)] == []
+
+
+async def test_followers_get_live_events_and_stop_after_the_final_one(make_store):
+    store = make_store()
+    job = new_job()
+    await store.create(job)
+    await store.append_event(job.id, EventType.PROGRESS, {"step": 1})
+    early = asyncio.create_task(collect(store, job.id))
+    resumed = asyncio.create_task(collect(store, job.id, after_id=1))
+    await asyncio.sleep(0.05)
+    assert not early.done()  # still following: no final event yet
+    await store.append_event(job.id, EventType.PROGRESS, {"step": 2})
+    await store.append_event(job.id, EventType.DONE, {"status": "succeeded"})
+    assert [e.id for e in await early] == [1, 2, 3]
+    assert [e.id for e in await resumed] == [2, 3]
+
+
+async def test_results_round_trip_per_job_and_name(make_store):
+    store = make_store()
+    a, b = new_job(), new_job()
+    await store.create(a)
+    await store.create(b)
+    await store.put_result(a.id, "0.png", b"\x89PNG-a")
+    await store.put_result(a.id, "grid.png", b"grid")
+    assert await store.get_result(a.id, "0.png") == b"\x89PNG-a"
+    assert await store.get_result(a.id, "grid.png") == b"grid"
+    assert await store.get_result(a.id, "1.png") is None
+    assert await store.get_result(b.id, "0.png") is None
+    with pytest.raises(JobNotFound):
+        await store.put_result("nope", "0.png", b"x")
+
+
+async def test_jobs_expire_with_their_events_and_results(make_store):
+    store = make_store(ttl_seconds=0.3)
+    job = new_job()
+    await store.create(job)
+    await store.append_event(job.id, EventType.PROGRESS, {"step": 1})
+    await store.put_result(job.id, "0.png", b"png")
+    await asyncio.sleep(0.45)
+    assert await store.get(job.id, owner=None) is None
+    assert await store.get_result(job.id, "0.png") is None
+    with pytest.raises(JobNotFound):
+        await collect(store, job.id)
+    with pytest.raises(JobNotFound):
+        await store.update(job.id, status=Status.RUNNING)
+
+
+async def test_a_change_postpones_expiry(make_store):
+    store = make_store(ttl_seconds=0.4)
+    job = new_job()
+    await store.create(job)
+    await asyncio.sleep(0.25)
+    await store.update(job.id, status=Status.RUNNING)
+    await asyncio.sleep(0.25)  # 0.5 s after creation, 0.25 s after the change
+    assert (await store.get(job.id, owner=None)).status is Status.RUNNING
+
+
+async def test_a_follower_of_a_job_that_expires_stops(make_store):
+    store = make_store(ttl_seconds=0.3)
+    job = new_job()
+    await store.create(job)
+    await store.append_event(job.id, EventType.PROGRESS, {"step": 1})
+    events = await collect(store, job.id, timeout=2.0)
+    assert [e.id for e in events] == [1]

@@ -1,0 +1,84 @@
+"""Settings from DDPM_* variables: the defaults operators rely on and the combinations refused at start-up."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from app.cli import BUNDLED_MODEL
+from app.jobs import DistributedModeUnavailable, MemoryJobStore, make_store
+from app.settings import Settings
+
+KEY = "k" * 16
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("DDPM_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults_are_the_documented_ones():
+    s = Settings()
+    assert (s.host, s.port, s.device, s.redis_url) == ("127.0.0.1", 8000, "auto", None)
+    assert (s.max_batch, s.max_images, s.max_steps, s.max_queued_jobs) == (64, 64, None, 256)
+    assert (s.max_body_bytes, s.job_ttl_seconds, s.heartbeat_seconds) == (10 * 1024 * 1024, 3600, 15)
+    assert (s.max_streams_per_key, s.max_upload_pixels, s.log_level) == (8, 4096 * 4096, "info")
+    assert s.api_keys == [] and not s.auth_enabled
+    assert s.model_refs() == [str(BUNDLED_MODEL)]
+
+
+@pytest.mark.parametrize("value", ["a, hf:org/b", '["a", "hf:org/b"]'])
+def test_models_from_the_environment_comma_separated_or_json(monkeypatch, value):
+    monkeypatch.setenv("DDPM_MODELS", value)
+    assert Settings().model_refs() == ["a", "hf:org/b"]
+
+
+def test_environment_variables_use_the_ddpm_prefix(monkeypatch):
+    monkeypatch.setenv("DDPM_PORT", "9001")
+    monkeypatch.setenv("DDPM_MAX_QUEUED_JOBS", "3")
+    monkeypatch.setenv("DDPM_API_KEYS", f"{KEY},{'z' * 20}")
+    s = Settings()
+    assert (s.port, s.max_queued_jobs, s.api_keys, s.auth_enabled) == (9001, 3, [KEY, "z" * 20], True)
+
+
+def test_short_api_keys_are_refused(monkeypatch):
+    monkeypatch.setenv("DDPM_API_KEYS", "short-key")
+    with pytest.raises(ValidationError, match="at least 16 characters"):
+        Settings()
+
+
+def test_keys_and_redis_url_never_show_in_the_repr():
+    s = Settings(api_keys=[KEY], redis_url="redis://:secret@host")
+    assert KEY not in repr(s) and "secret" not in repr(s)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("heartbeat_seconds", 30),  # API.md promises a heartbeat at least every 15 s
+        ("max_batch", 0),
+        ("port", 70000),
+        ("job_ttl_seconds", 0),
+        ("log_level", "loud"),
+        ("device", "gpu-please"),
+        ("api_keys", [KEY, KEY]),
+    ],
+)
+def test_unsafe_or_meaningless_values_are_refused(field, value):
+    with pytest.raises(ValidationError, match=field):
+        Settings(**{field: value})
+
+
+def test_auto_device_resolves_to_a_real_device():
+    assert Settings(device="auto").resolved_device() in ("cpu", "cuda")
+    assert Settings(device="cpu").resolved_device() == "cpu"
+
+
+def test_redis_url_stops_start_up_until_distributed_mode_exists():
+    with pytest.raises(DistributedModeUnavailable, match="not implemented yet"):
+        make_store(Settings(redis_url="redis://localhost:6379/0"))
+    assert isinstance(make_store(Settings()), MemoryJobStore)
