@@ -55,7 +55,9 @@ class Settings(BaseSettings):
     )
     max_batch: int = Field(64, ge=1, le=4096, description="most image slots one engine denoises per step")
     max_images: int = Field(64, ge=1, le=4096, description="most images one request may ask for (n)")
-    max_steps: int | None = Field(None, ge=1, description="most denoising steps per request (default: T)")
+    max_steps: int | None = Field(
+        None, ge=1, description="most denoising steps per request; none = T of each model"
+    )
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest request body, in bytes")
     max_queued_jobs: int = Field(256, ge=1, description="queued jobs beyond which POSTs get 429")
     job_ttl_seconds: float = Field(3600.0, gt=0, description="seconds a job and its results are kept")

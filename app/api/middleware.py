@@ -1,0 +1,109 @@
+"""ASGI middleware: request-body size limit and request-latency metrics.
+
+Pure ASGI (not `BaseHTTPMiddleware`) so that streaming responses (SSE) pass straight through and a
+body is never read twice.
+"""
+
+from __future__ import annotations
+
+import time
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import metrics
+from app.api.errors import ApiError, error_response
+
+_NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
+
+
+class BodyLimitMiddleware:
+    """Refuses bodies over `max_bytes` with 413: by Content-Length up front, else by counting chunks.
+
+    A body that passes is read here in full (it is at most `max_bytes`) and replayed to the app, so
+    a chunked upload cannot stream past the limit into a route.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                await self._refuse(scope, receive, send, 400, "bad_request", "Content-Length is not a number")
+                return
+            if int(declared) > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        if scope["method"] in _NO_BODY_METHODS and not chunked and not int(declared or 0):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: http.disconnect, when it comes
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"request body is larger than {self.max_bytes} bytes (DDPM_MAX_BODY_BYTES)"
+        await self._refuse(scope, receive, send, 413, "body_too_large", message)
+
+    @staticmethod
+    async def _refuse(
+        scope: Scope, receive: Receive, send: Send, status: int, code: str, message: str
+    ) -> None:
+        response = error_response(ApiError(status, code, message, headers={"Connection": "close"}))
+        await response(scope, receive, send)
+
+
+class RequestMetricsMiddleware:
+    """Observes every request's latency by route template (bounded label set), method and status."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            metrics.HTTP_REQUEST_SECONDS.labels(
+                route=route, method=scope["method"], status=str(status)
+            ).observe(time.perf_counter() - start)

@@ -1,0 +1,73 @@
+"""POST /sample: unconditional sampling with Algorithm 2 (DDPM) or DDIM."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Response
+
+from app.api import schemas
+from app.api.deps import OwnerDep, ServiceDep, SettingsDep, WaitDep
+from app.api.errors import invalid
+from app.api.routes.common import CREATED, reply
+from app.api.uploads import decode_latents
+from app.sampling import default_variance, random_seed
+
+router = APIRouter(tags=["generation"])
+
+
+@router.post(
+    "/sample",
+    status_code=202,
+    response_model=schemas.Job,
+    response_description="the job, queued (answered at once)",
+    responses=CREATED,
+)
+async def sample(
+    body: schemas.SampleRequest,
+    service: ServiceDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+    wait: WaitDep,
+    response: Response,
+) -> schemas.Job:
+    """Sample `n` images; image k depends only on (seed, k), whatever else the server is running."""
+    entry = service.model(body.model)
+    if body.n > settings.max_images:
+        raise invalid("n", f"at most {settings.max_images} images per request (DDPM_MAX_IMAGES)")
+    max_steps = service.max_steps(entry)
+    steps = body.steps if body.steps is not None else max_steps
+    if steps > max_steps:
+        raise invalid("steps", f"must be 1..{max_steps} for model {entry.name} (T = {entry.timesteps})")
+    inputs = {}
+    if body.latents is not None:
+        shape = (body.n, entry.ckpt.channels, entry.ckpt.resolution, entry.ckpt.resolution)
+        inputs["latents"] = await asyncio.to_thread(
+            decode_latents, body.latents, shape=shape, max_bytes=settings.max_body_bytes
+        )
+    seed = body.seed if body.seed is not None else random_seed()
+    variance = None
+    if body.sampler == "ddpm":
+        variance = str(default_variance(entry.ckpt)) if body.variance == "model" else body.variance
+    work_params = {
+        "n": body.n,
+        "steps": steps,
+        "sampler": body.sampler,
+        "eta": body.eta,
+        "variance": variance,
+        "clip_denoised": body.clip_denoised,
+        "seed": seed,
+        "stream_every": body.stream_every,
+    }
+    params = {**work_params, "model": entry.name, "latents": body.latents is not None, "output": body.output}
+    job = await service.submit(
+        kind="sample",
+        model=entry.name,
+        params=params,
+        work_params=work_params,
+        inputs=inputs,
+        seed=seed,
+        steps=steps,
+        owner=owner,
+    )
+    return await reply(service, job, wait, response)

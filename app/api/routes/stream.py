@@ -1,0 +1,110 @@
+"""GET /stream/{id}: a job's progress as Server-Sent Events (replay, Last-Event-ID resume, heartbeats)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request
+
+from app.api.deps import OwnerDep, ServiceDep, SettingsDep
+from app.api.errors import ApiError, invalid
+from app.api.routes.common import errors
+from app.api.service import RETRY_AFTER_SECONDS, JobService
+from app.api.sse import HEARTBEAT, EventStreamResponse, format_event
+from app.jobs import Event, EventType
+
+router = APIRouter(tags=["jobs"])
+
+_SSE = {
+    200: {
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "description": "events `progress` (data: ProgressEvent), then `done` (data: Job) or `error` "
+        "(data: {code, message}); each with an increasing `id`; comment heartbeats in between",
+    }
+}
+
+
+def _after_id(last_event_id: str | None) -> int:
+    if last_event_id is None or not last_event_id.strip():
+        return 0
+    if not last_event_id.strip().isdigit():
+        raise invalid("Last-Event-ID", "must be the id of an event of this stream (a non-negative integer)")
+    return int(last_event_id)
+
+
+async def _next(events: AsyncIterator[Event]) -> Event:
+    return await anext(events)
+
+
+async def _messages(
+    service: JobService, job_id: str, owner: str | None, after: int, xt: bool, heartbeat: float
+) -> AsyncIterator[bytes]:
+    """Replays, then follows, the job's events; a comment every `heartbeat` seconds while idle."""
+    events = service.store.events(job_id, after)
+    pending: asyncio.Task[Event] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(_next(events))
+            done, _ = await asyncio.wait({pending}, timeout=heartbeat)
+            if not done:
+                yield HEARTBEAT
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield format_event(event.id, event.type.value, await _data(service, event, job_id, owner, xt))
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await pending
+        await events.aclose()
+
+
+async def _data(service: JobService, event: Event, job_id: str, owner: str | None, xt: bool) -> Any:
+    if event.type is EventType.DONE:
+        # The final job object, rendered now (it is final: the store recorded the end before the event).
+        return service.render(await service.get(job_id, owner)).model_dump(mode="json")
+    if event.type is EventType.PROGRESS and not xt:
+        return {k: v for k, v in event.data.items() if k != "xt"}
+    return event.data
+
+
+@router.get(
+    "/stream/{job_id}",
+    status_code=200,
+    response_class=EventStreamResponse,
+    responses={**_SSE, **errors(401, 404, 422, 429)},
+)
+async def stream(
+    job_id: str,
+    request: Request,
+    service: ServiceDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+    xt: Annotated[bool, Query(description="also send x_t with each preview")] = False,
+    last_event_id: Annotated[
+        str | None, Header(alias="Last-Event-ID", description="resume after this event id")
+    ] = None,
+) -> EventStreamResponse:
+    """Progressive x̂₀ previews of a job: replayed from the first event (or after `Last-Event-ID`), then
+    live; ends after `done` or `error`. A job that already ended streams its events at once."""
+    await service.get(job_id, owner)
+    after = _after_id(last_event_id)
+    limiter = request.app.state.streams
+    key = owner or "anonymous"
+    if not limiter.acquire(key):
+        raise ApiError(
+            429,
+            "too_many_streams",
+            f"{settings.max_streams_per_key} streams are already open for this key; close one first",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+    messages = _messages(service, job_id, owner, after, xt, settings.heartbeat_seconds)
+    return EventStreamResponse(messages, on_close=lambda: limiter.release(key))

@@ -1,0 +1,215 @@
+"""What the routes do with jobs, apart from HTTP: admit, submit to an engine, wait, cancel, render.
+
+One instance per app, built in the lifespan once the models are loaded; routes get it with
+`ServiceDep`. It speaks only to the `JobStore`, the `JobRunner` and the `EnginePool`, so the same
+code serves the Redis backend once that exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import math
+import secrets
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from app.api import schemas
+from app.api.errors import ApiError, not_found
+from app.engine.work import Work
+from app.jobs import EventType, InvalidTransition, JobNotFound, JobRecord, JobStore, Status
+from app.jobs.encoding import GRID, npy_bytes, npy_name, png_name
+from app.jobs.records import utcnow
+from app.jobs.runner import JobRunner
+from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.engine.pool import EnginePool
+    from app.nets import Checkpoint
+
+log = logging.getLogger(__name__)
+
+# A DELETE waits this long for the engine to confirm (it stops a running job within one step).
+CANCEL_WAIT_SECONDS = 30.0
+# Told to clients refused with 429: roughly the time for a busy queue to move on.
+RETRY_AFTER_SECONDS = 5
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    ckpt: Checkpoint
+    default: bool
+
+    @property
+    def timesteps(self) -> int:
+        return int(self.ckpt.scheduler.num_train_timesteps)
+
+
+def new_job_id() -> str:
+    return secrets.token_hex(16)  # 128 random bits: unguessable, and URL-safe
+
+
+class JobService:
+    """Job operations shared by every route."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        pool: EnginePool,
+        runner: JobRunner,
+        checkpoints: dict[str, Checkpoint],
+    ):
+        self.settings = settings
+        self.store = store
+        self.pool = pool
+        self.runner = runner
+        self.models = {
+            name: ModelEntry(name, ckpt, name == pool.default) for name, ckpt in checkpoints.items()
+        }
+
+    def model(self, name: str | None) -> ModelEntry:
+        """The named model, or the default one; 404 naming the loaded models otherwise."""
+        entry = self.models.get(name if name is not None else self.pool.default)
+        if entry is None:
+            raise ApiError(404, "unknown_model", f"no model {name!r}; loaded: {', '.join(self.models)}")
+        return entry
+
+    def max_steps(self, entry: ModelEntry) -> int:
+        return min(entry.timesteps, self.settings.max_steps or entry.timesteps)
+
+    def queued(self) -> int:
+        return sum(engine.queued for engine in self.pool.engines.values())
+
+    async def submit(
+        self,
+        *,
+        kind: str,
+        model: str,
+        params: dict[str, Any],
+        work_params: dict[str, Any],
+        inputs: dict[str, np.ndarray] | None,
+        seed: int | None,
+        steps: int,
+        owner: str | None,
+    ) -> JobRecord:
+        """Create a queued job and hand it to its model's engine; 429 when the queue is full."""
+        if self.queued() >= self.settings.max_queued_jobs:
+            raise ApiError(
+                429,
+                "queue_full",
+                f"{self.settings.max_queued_jobs} jobs are already waiting; retry in a few seconds",
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
+        job = JobRecord(
+            id=new_job_id(), kind=kind, model=model, params=params, seed=seed, owner=owner, steps=steps
+        )
+        await self.store.create(job)
+        work = Work(job_id=job.id, kind=kind, model=model, params=work_params, inputs=inputs or {})
+        self.runner.watch(work)
+        try:
+            self.pool.submit(work)
+        except Exception as e:
+            log.exception("job %s: the engine refused it", job.id)
+            self.runner.forget(job.id)
+            await self._end(job.id, Status.FAILED, error={"code": "engine_unavailable", "message": str(e)})
+            raise ApiError(
+                503, "engine_unavailable", f"the {model} engine is not running; retry later"
+            ) from e
+        return job
+
+    async def get(self, job_id: str, owner: str | None) -> JobRecord:
+        job = await self.store.get(job_id, owner=owner)
+        if job is None:
+            raise not_found(f"job {job_id}")
+        return job
+
+    async def wait(self, job_id: str, timeout: float | None) -> None:
+        """Return when the job has ended (its final event is recorded) or after `timeout` seconds."""
+        if timeout is not None and math.isinf(timeout):
+            timeout = None
+        with contextlib.suppress(TimeoutError, JobNotFound):
+            async with asyncio.timeout(timeout):
+                async with contextlib.aclosing(self.store.events(job_id)) as events:
+                    async for _ in events:
+                        pass
+
+    async def cancel(self, job: JobRecord) -> JobRecord:
+        """Cancel a job and return it once it has ended (cancelled, or whatever it ended as first)."""
+        if job.status.terminal:
+            return job
+        accepted = await asyncio.to_thread(self.pool.cancel, job.id, job.model)
+        await self.wait(job.id, CANCEL_WAIT_SECONDS if accepted else 1.0)
+        current = await self.get(job.id, job.owner)
+        if not current.status.terminal and not accepted:
+            # The engine does not know the job (it never reached it, or the engine died): end it here.
+            await self._end(job.id, Status.CANCELLED)
+            current = await self.get(job.id, job.owner)
+        return current
+
+    async def _end(self, job_id: str, status: Status, error: dict[str, str] | None = None) -> None:
+        with contextlib.suppress(InvalidTransition, JobNotFound):
+            await self.store.update(job_id, status=status, finished_at=utcnow(), error=error)
+            if error is not None:
+                await self.store.append_event(job_id, EventType.ERROR, error)
+            else:
+                await self.store.append_event(job_id, EventType.DONE, {"status": str(status)})
+
+    async def result(self, job: JobRecord, name: str) -> bytes:
+        """One stored result blob; 409 while the job has not succeeded, 404 if it has no such blob."""
+        if job.status is not Status.SUCCEEDED:
+            state = "has not finished" if not job.status.terminal else f"ended as {job.status}"
+            raise ApiError(409, "not_ready", f"job {job.id} {state}; results exist once it has succeeded")
+        data = await self.store.get_result(job.id, name)
+        if data is None:
+            raise not_found(f"result {name} of job {job.id}")
+        return data
+
+    async def images_npy(self, job: JobRecord) -> bytes:
+        """All images of a job as one (n, C, H, W) float32 .npy, assembled from the per-image blobs."""
+        await self.result(job, npy_name(0))  # 409 unless it succeeded; 404 if it made no images
+        count = int((job.result or {}).get("image_count", 0))
+        blobs = [await self.result(job, npy_name(k)) for k in range(count)]
+        return npy_bytes(np.concatenate([np.load(io.BytesIO(b), allow_pickle=False) for b in blobs]))
+
+    def queue_position(self, job: JobRecord) -> int | None:
+        if job.status is not Status.QUEUED:
+            return None
+        engine = self.pool.engines.get(job.model)
+        position = engine.queue_position(job.id) if engine is not None else None
+        return None if position is None else position + 1
+
+    def render(self, job: JobRecord) -> schemas.Job:
+        """The public job object of API.md: URLs, queue position and result links added."""
+        base = f"/jobs/{job.id}"
+        result: dict[str, Any] | None = None
+        if job.result is not None:
+            result = dict(job.result)
+            count = int(result.pop("image_count", 0))
+            if count:
+                ext = "npy" if job.params.get("output") == "npy" else "png"
+                name = npy_name if ext == "npy" else png_name
+                result["images"] = [{"url": f"{base}/images/{name(k)}"} for k in range(count)]
+                result["grid_url"] = f"{base}/{GRID}"
+                result["npy_url"] = f"{base}/images.npy"
+        return schemas.Job(
+            id=job.id,
+            kind=job.kind,
+            model=job.model,
+            status=job.status.value,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            queue_position=self.queue_position(job),
+            progress=schemas.Progress(step=job.step, steps=job.steps),
+            seed=job.seed,
+            params=job.params,
+            result=result,
+            error=job.error,
+            urls=schemas.JobUrls(self=base, stream=f"/stream/{job.id}"),
+        )

@@ -1,0 +1,77 @@
+"""Server-Sent Events plumbing: wire format, a per-key connection limit and a response that always
+releases its slot when the connection ends."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections import Counter
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
+
+import anyio
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from app import metrics
+
+HEARTBEAT = b": heartbeat\n\n"
+
+
+def format_event(event_id: int, event: str, data: Any) -> bytes:
+    """One SSE message; JSON data has no raw newlines, so one `data:` line always suffices."""
+    payload = json.dumps(data, separators=(",", ":"), default=str)
+    return f"id: {event_id}\nevent: {event}\ndata: {payload}\n\n".encode()
+
+
+class StreamLimiter:
+    """Counts open streams per caller; lives on the event loop, so no lock is needed."""
+
+    def __init__(self, per_key: int):
+        self.per_key = per_key
+        self._open: Counter[str] = Counter()
+
+    def acquire(self, key: str) -> bool:
+        if self._open[key] >= self.per_key:
+            return False
+        self._open[key] += 1
+        metrics.SSE_STREAMS.inc()
+        return True
+
+    def release(self, key: str) -> None:
+        self._open[key] -= 1
+        if self._open[key] <= 0:
+            del self._open[key]
+        metrics.SSE_STREAMS.dec()
+
+
+class EventStreamResponse(StreamingResponse):
+    """`text/event-stream` that watches for the client going away and then runs `on_close` exactly once.
+
+    Starlette only listens for disconnects on older ASGI spec versions; here it always does, so a
+    client that leaves frees its stream slot at once, not at the next heartbeat.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncGenerator[bytes, None], *, on_close: Callable[[], None]):
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def stream() -> None:
+                    with contextlib.suppress(OSError):  # the client went away mid-write
+                        await self.stream_response(send)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                group.cancel_scope.cancel()
+        finally:
+            try:
+                await self.body_iterator.aclose()  # type: ignore[union-attr]
+            finally:
+                self._on_close()

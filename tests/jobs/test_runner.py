@@ -1,0 +1,152 @@
+"""The job runner: engine callbacks (from another thread) become ordered events, status and results."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app.engine.work import Work
+from app.jobs import EventType, JobRecord, MemoryJobStore, Status
+from app.jobs.runner import JobRunner
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def start(store, job_id: str, *, n: int = 2, stream_every: int = 1) -> JobRunner:
+    runner = JobRunner(store, asyncio.get_running_loop())
+    await store.create(JobRecord(id=job_id, kind="sample", model="tiny", params={"n": n}))
+    runner.watch(
+        Work(job_id=job_id, kind="sample", model="tiny", params={"n": n, "stream_every": stream_every})
+    )
+    return runner
+
+
+async def on_engine_thread(fn) -> None:
+    """Run `fn` on another thread, as the engine would, without blocking the event loop."""
+    thread = threading.Thread(target=fn)
+    thread.start()
+    await asyncio.to_thread(thread.join)
+
+
+async def finish(store, runner: JobRunner, job_id: str) -> list:
+    events = await asyncio.wait_for(_all(store, job_id), 5)
+    await asyncio.to_thread(runner.close)
+    await runner.drain()
+    return events
+
+
+async def _all(store, job_id):
+    return [e async for e in store.events(job_id)]
+
+
+def frames(n: int, value: float) -> torch.Tensor:
+    return torch.full((n, 1, 8, 8), value)
+
+
+async def test_a_job_runs_to_ordered_previews_results_and_done():
+    store = MemoryJobStore(ttl_seconds=60)
+    runner = await start(store, "j1")
+
+    def engine() -> None:
+        runner.on_started("j1", 3)
+        for step in (1, 2, 3):
+            runner.on_progress("j1", step, 3, 3 - step, frames(2, step / 3 - 0.5), frames(2, 0.0))
+        runner.on_finished("j1", torch.linspace(-1, 1, 2 * 64).reshape(2, 1, 8, 8), {})
+
+    await on_engine_thread(engine)
+    events = await finish(store, runner, "j1")
+    assert [e.type for e in events] == [EventType.PROGRESS] * 3 + [EventType.DONE]
+    assert [e.data["step"] for e in events[:3]] == [1, 2, 3]
+    assert [e.id for e in events] == [1, 2, 3, 4]
+    preview = Image.open(io.BytesIO(base64.b64decode(events[0].data["x0"][1])))
+    assert preview.size == (8, 8) and len(events[0].data["x0"]) == 2 and len(events[0].data["xt"]) == 2
+    job = await store.get("j1", owner=None)
+    assert job.status is Status.SUCCEEDED and (job.step, job.steps) == (3, 3)
+    assert job.result == {"image_count": 2}
+    one = np.load(io.BytesIO(await store.get_result("j1", "1.npy")))
+    assert one.shape == (1, 1, 8, 8) and one.dtype == np.float32 and one.max() == pytest.approx(1.0)
+    assert Image.open(io.BytesIO(await store.get_result("j1", "0.png"))).size == (8, 8)
+    assert Image.open(io.BytesIO(await store.get_result("j1", "grid.png"))).size[0] > 16
+
+
+async def test_previews_come_every_k_steps_and_at_the_last_step():
+    store = MemoryJobStore(ttl_seconds=60)
+    runner = await start(store, "j2", stream_every=2)
+
+    def engine() -> None:
+        runner.on_started("j2", 5)
+        for step in range(1, 6):
+            runner.on_progress("j2", step, 5, 5 - step, frames(2, 0.0), frames(2, 0.0))
+        runner.on_finished("j2", frames(2, 0.0), {})
+
+    await on_engine_thread(engine)
+    events = await finish(store, runner, "j2")
+    assert [e.data.get("step") for e in events if e.type is EventType.PROGRESS] == [2, 4, 5]
+
+
+async def test_a_failure_is_recorded_with_an_error_event():
+    store = MemoryJobStore(ttl_seconds=60)
+    runner = await start(store, "j3")
+
+    def engine() -> None:
+        runner.on_started("j3", 4)
+        runner.on_failed("j3", "non_finite", "x_t became NaN at step 2")
+
+    await on_engine_thread(engine)
+    events = await finish(store, runner, "j3")
+    assert events[-1].type is EventType.ERROR and events[-1].data["code"] == "non_finite"
+    job = await store.get("j3", owner=None)
+    assert job.status is Status.FAILED and job.error["message"] == "x_t became NaN at step 2"
+
+
+async def test_a_cancel_that_loses_the_race_with_the_end_changes_nothing():
+    store = MemoryJobStore(ttl_seconds=60)
+    runner = await start(store, "j4")
+
+    def engine() -> None:
+        runner.on_started("j4", 1)
+        runner.on_finished("j4", frames(2, 0.0), {})
+        runner.on_cancelled("j4")
+
+    await on_engine_thread(engine)
+    events = await finish(store, runner, "j4")
+    assert [e.type for e in events] == [EventType.DONE]
+    assert (await store.get("j4", owner=None)).status is Status.SUCCEEDED
+
+
+async def test_many_jobs_interleaved_keep_their_own_order():
+    store = MemoryJobStore(ttl_seconds=60)
+    runner = JobRunner(store, asyncio.get_running_loop(), encoders=3)
+    ids = [f"m{i}" for i in range(6)]
+    for job_id in ids:
+        await store.create(JobRecord(id=job_id, kind="sample", model="tiny", params={}))
+        runner.watch(Work(job_id=job_id, kind="sample", model="tiny", params={"stream_every": 1}))
+
+    def engine() -> None:
+        for job_id in ids:
+            runner.on_started(job_id, 20)
+        for step in range(1, 21):
+            for job_id in ids:
+                runner.on_progress(job_id, step, 20, 20 - step, frames(1, 0.0), frames(1, 0.0))
+        for job_id in ids:
+            runner.on_finished(job_id, frames(1, 0.0), {})
+
+    await on_engine_thread(engine)
+    for job_id in ids:
+        events = await asyncio.wait_for(_all(store, job_id), 5)
+        assert [e.data.get("step") for e in events[:-1]] == list(range(1, 21))
+        assert events[-1].type is EventType.DONE
+    await asyncio.to_thread(runner.close)
+    await runner.drain()
