@@ -1,0 +1,297 @@
+"""The step-level batching engine: one thread per model, one U-Net forward per step for every row.
+
+Each iteration (ARCHITECTURE.md): apply cancellations → admit queued work while rows are free →
+stack every running row's x_t and t, run ε_θ once → apply each row's own update (DDPM, DDIM, or a
+bound term), vectorised over rows → emit x̂₀ previews → retire finished groups. A new job waits at
+most one step to join, never a whole chain. No HTTP, no Redis: work comes in through `submit`,
+progress goes out through a `Listener`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from app.diffusion import StepCoefficients, Variance, ddim_coefficients, ddpm_coefficients, denoise_step
+from app.engine import programs
+from app.engine.groups import BoundGroup, ChainGroup, Group
+from app.engine.work import Listener, Work
+from app.metrics import ENGINE_BATCH_SIZE, ENGINE_FORWARDS, ENGINE_SLOTS, ENGINE_STEP_SECONDS
+from app.nets import Checkpoint
+from app.sampling import schedule_of
+
+log = logging.getLogger(__name__)
+
+
+class JobFailed(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(eq=False)
+class Run:
+    """A job inside the engine: its program, the groups of its current phase, its progress."""
+
+    work: Work
+    program: programs.Program
+    steps: int
+    groups: list[Group] = field(default_factory=list)
+    step: int = 0
+
+    @property
+    def job_id(self) -> str:
+        return self.work.job_id
+
+    @property
+    def stream_every(self) -> int:
+        return int(self.work.params.get("stream_every") or 0)
+
+
+def rows_needed(work: Work) -> int:
+    """Rows a job holds at its widest phase, to decide whether it fits in the batch."""
+    p = work.params
+    if work.kind == "interpolate":
+        return len(p["t"]) * len(p["lambdas"])
+    if work.kind == "likelihood":
+        return len(work.inputs["images"])
+    return int(p["n"])
+
+
+class Engine:
+    """Owns one model on one device and runs the denoising loop for all its jobs in one thread."""
+
+    def __init__(self, ckpt: Checkpoint, *, name: str, listener: Listener, max_batch: int = 64):
+        self.ckpt, self.name, self.listener, self.max_batch = ckpt, name, listener, max_batch
+        self.unet = ckpt.unet.eval()
+        self.device = next(self.unet.parameters()).device
+        self.schedule = schedule_of(ckpt).to(self.device)
+        self.ctx = programs.Context(ckpt=ckpt, schedule=self.schedule, device=self.device)
+        self._queue: deque[Work] = deque()
+        self._cancelled: set[str] = set()
+        self._cond = threading.Condition()
+        self._runs: dict[str, Run] = {}
+        self._active: list[Group] = []
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.forwards = 0
+
+    # ---- thread-safe control surface -------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=f"engine-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, work: Work) -> None:
+        if work.model != self.name:
+            raise ValueError(f"work for model {work.model!r} sent to engine {self.name!r}")
+        with self._cond:
+            self._queue.append(work)
+            self._cond.notify_all()
+
+    def cancel(self, job_id: str) -> bool:
+        with self._cond:
+            known = job_id in self._runs or any(w.job_id == job_id for w in self._queue)
+            if known:
+                self._cancelled.add(job_id)
+                self._cond.notify_all()
+            return known
+
+    def queue_position(self, job_id: str) -> int | None:
+        with self._cond:
+            for i, w in enumerate(self._queue):
+                if w.job_id == job_id:
+                    return i
+        return None
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        return sum(g.rows for g in self._active)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        log.info("engine %s on %s: max_batch %d", self.name, self.device, self.max_batch)
+        while True:
+            with self._cond:
+                while not self._stopping and not self._queue and not self._active and not self._cancelled:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                cancelled, self._cancelled = self._cancelled, set()
+            self._apply_cancellations(cancelled)
+            self._admit()
+            ENGINE_SLOTS.labels(self.name, "running").set(self.running)
+            ENGINE_SLOTS.labels(self.name, "waiting").set(sum(rows_needed(w) for w in list(self._queue)))
+            if self._active:
+                self._iterate()
+
+    def _apply_cancellations(self, job_ids: set[str]) -> None:
+        for job_id in job_ids:
+            with self._cond:
+                queued = [w for w in self._queue if w.job_id == job_id]
+                for w in queued:
+                    self._queue.remove(w)
+            run = self._runs.pop(job_id, None)
+            if run is not None:
+                self._active = [g for g in self._active if g.job_id != job_id]
+                run.program.close()
+            if queued or run is not None:
+                self.listener.on_cancelled(job_id)
+
+    def _admit(self) -> None:
+        """FIFO: the head job joins when its rows fit (or when nothing runs, however wide it is)."""
+        while True:
+            with self._cond:
+                if not self._queue:
+                    return
+                work = self._queue[0]
+                if self._active and self.running + rows_needed(work) > self.max_batch:
+                    return
+                self._queue.popleft()
+            try:
+                run = Run(
+                    work=work,
+                    program=programs.PROGRAMS[work.kind](self.ctx, work),
+                    steps=programs.total_steps(self.ctx, work),
+                )
+                self.listener.on_started(work.job_id, run.steps)
+                self._runs[work.job_id] = run
+                self._enter_phase(run, next(run.program))
+            except Exception as e:  # a job whose set-up fails fails alone
+                self._fail(work.job_id, "invalid_job", f"could not start: {e}")
+
+    def _enter_phase(self, run: Run, groups: list[Group]) -> None:
+        run.groups = groups
+        self._active.extend(groups)
+
+    def _iterate(self) -> None:
+        started = time.perf_counter()
+        active = list(self._active)
+        try:
+            with torch.inference_mode():
+                x = torch.cat([g.model_input(self.schedule) for g in active])
+                t = torch.tensor([g.t for g in active for _ in range(g.rows)], device=self.device)
+                eps = self.unet(x, t)
+                self.forwards += 1
+                previews = self._update(active, x, t, eps)
+        except Exception as e:  # the batch fails, the engine goes on
+            log.exception("engine %s: step failed", self.name)
+            for job_id in {g.job_id for g in active}:
+                self._fail(job_id, "engine_error", f"{type(e).__name__}: {e}")
+            return
+        ENGINE_FORWARDS.labels(self.name).inc()
+        ENGINE_BATCH_SIZE.labels(self.name).observe(len(x))
+        self._advance_runs(active, previews)
+        ENGINE_STEP_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+
+    def _update(
+        self, active: list[Group], x: Tensor, t: Tensor, eps: Tensor
+    ) -> dict[Group, tuple[Tensor, Tensor]]:
+        """Apply every row's own update; returns each group's (x_t, x̂₀) for previews."""
+        sizes = [g.rows for g in active]
+        xs, epss, ts = x.split(sizes), eps.split(sizes), t.split(sizes)
+        out: dict[Group, tuple[Tensor, Tensor]] = {}
+        chains = [i for i, g in enumerate(active) if isinstance(g, ChainGroup)]
+        if chains:
+            groups = [active[i] for i in chains]
+            xc = torch.cat([xs[i] for i in chains])
+            ec = torch.cat([epss[i] for i in chains])
+            tc = torch.cat([ts[i] for i in chains])
+            x_prev, pred_x0 = denoise_step(
+                self.schedule,
+                xc,
+                ec,
+                tc,
+                self._coefficients(groups),
+                torch.cat([g.noise.randn() for g in groups]),
+                clip_denoised=self._per_row(groups, lambda g: g.clip_denoised),
+            )
+            for g, xp, x0, xt in zip(
+                groups,
+                x_prev.split([g.rows for g in groups]),
+                pred_x0.split([g.rows for g in groups]),
+                [xs[i] for i in chains],
+                strict=True,
+            ):
+                g.advance(xp)
+                out[g] = (xt, x0)
+        for i, g in enumerate(active):
+            if isinstance(g, BoundGroup):
+                out[g] = g.record(self.schedule, epss[i])
+        return out
+
+    def _per_row(self, groups: list[ChainGroup], value) -> Tensor:
+        return torch.tensor([value(g) for g in groups for _ in range(g.rows)], device=self.device)
+
+    def _coefficients(self, groups: list[ChainGroup]) -> StepCoefficients:
+        """Per-row (a, b, c, σ): DDIM rows, DDPM rows with σ²=β and with σ²=β̃, merged by mask."""
+        s = self.schedule
+        t = self._per_row(groups, lambda g: g.t)
+        t_prev = self._per_row(groups, lambda g: g.t_prev)
+        eta = self._per_row(groups, lambda g: float(g.eta)).to(s.betas.dtype)
+        is_ddim = self._per_row(groups, lambda g: g.sampler == "ddim")
+        is_small = self._per_row(groups, lambda g: g.variance is Variance.POSTERIOR)
+        ddpm = StepCoefficients.where(
+            is_small,
+            ddpm_coefficients(s, t, t_prev, Variance.POSTERIOR),
+            ddpm_coefficients(s, t, t_prev, Variance.BETA),
+        )
+        return StepCoefficients.where(is_ddim, ddim_coefficients(s, t, t_prev, eta), ddpm)
+
+    def _advance_runs(self, active: list[Group], previews: dict[Group, tuple[Tensor, Tensor]]) -> None:
+        for run in {self._runs[g.job_id] for g in active if g.job_id in self._runs}:
+            run.step += 1
+            if run.stream_every and run.step % run.stream_every == 0:
+                mine = [g for g in run.groups if g in previews]
+                xt = torch.cat([previews[g][0] for g in mine]).float().cpu()
+                x0 = torch.cat([previews[g][1] for g in mine]).float().cpu()
+                self.listener.on_progress(
+                    run.job_id, run.step, run.steps, mine[0].plan_t[mine[0].pos - 1], x0, xt
+                )
+            if all(g.remaining == 0 for g in run.groups):
+                self._next_phase(run)
+        self._active = [g for g in self._active if g.remaining > 0 and g.job_id in self._runs]
+
+    def _next_phase(self, run: Run) -> None:
+        results = [g.result for g in run.groups]
+        try:
+            if not all(bool(torch.isfinite(r).all()) for r in results):
+                raise JobFailed("non_finite", "the model produced NaN or infinite values")
+            self._enter_phase(run, run.program.send(results))
+        except StopIteration as done:
+            images, extra = done.value
+            self._runs.pop(run.job_id, None)
+            self.listener.on_finished(run.job_id, images.float().cpu(), extra)
+        except JobFailed as e:
+            self._fail(run.job_id, e.code, str(e))
+        except Exception as e:
+            log.error("job %s failed: %s", run.job_id, traceback.format_exc())
+            self._fail(run.job_id, "job_error", f"{type(e).__name__}: {e}")
+
+    def _fail(self, job_id: str, code: str, message: str) -> None:
+        run = self._runs.pop(job_id, None)
+        if run is not None:
+            self._active = [g for g in self._active if g.job_id != job_id]
+            run.program.close()
+        self.listener.on_failed(job_id, code, message)

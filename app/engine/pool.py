@@ -1,0 +1,39 @@
+"""One engine per loaded model; routes work and cancellations by model name."""
+
+from __future__ import annotations
+
+from app.engine.engine import Engine
+from app.engine.work import Listener, Work
+from app.nets import Checkpoint
+
+
+class EnginePool:
+    """The models a process serves. The first name is the default model."""
+
+    def __init__(self, checkpoints: dict[str, Checkpoint], *, listener: Listener, max_batch: int = 64):
+        if not checkpoints:
+            raise ValueError("an engine pool needs at least one model")
+        self.engines = {
+            name: Engine(ckpt, name=name, listener=listener, max_batch=max_batch)
+            for name, ckpt in checkpoints.items()
+        }
+        self.default = next(iter(checkpoints))
+
+    def start(self) -> None:
+        for engine in self.engines.values():
+            engine.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        for engine in self.engines.values():
+            engine.stop(timeout)
+
+    def submit(self, work: Work) -> None:
+        self.engines[work.model].submit(work)
+
+    def cancel(self, job_id: str, model: str) -> bool:
+        engine = self.engines.get(model)
+        return engine is not None and engine.cancel(job_id)
+
+    @property
+    def alive(self) -> bool:
+        return all(engine.alive for engine in self.engines.values())

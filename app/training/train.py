@@ -1,0 +1,295 @@
+"""Algorithm 1 of the paper: ε-prediction trained with L_simple, plus EMA, warm-up, clipping, resume.
+
+A run lives in one folder: `state.pt` (everything needed to resume, written atomically),
+`model/` (the EMA weights in the diffusers layout: what gets served) and `previews/`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from app.diffusion import Schedule, q_sample, sample_ddim
+from app.images import make_grid, save_png
+from app.nets import SchedulerConfig, UNet, UNetConfig, save_checkpoint
+from app.training.data import DataError, load_images, pad_to
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. Saved in state.pt; a resumed run must agree on the model."""
+
+    data: str
+    out: str
+    resolution: int | None = None  # pad images up to this size (e.g. 28 -> 32); None keeps them
+    ch: int = 32
+    ch_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (7,)
+    dropout: float = 0.1
+    num_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    variance_type: str = "fixed_large"
+    steps: int = 10_000
+    batch_size: int = 128
+    lr: float = 2e-4
+    warmup: int = 500
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    hflip: bool = False
+    seed: int = 0
+    checkpoint_every: int = 500
+    preview_every: int = 1000
+    preview_steps: int = 50
+    device: str = "cpu"
+    holdout: list[int] = field(default_factory=list)  # dataset indices never trained on
+
+    MODEL_KEYS = (
+        "ch",
+        "ch_mult",
+        "num_res_blocks",
+        "attn_resolutions",
+        "dropout",
+        "num_timesteps",
+        "beta_schedule",
+        "beta_start",
+        "beta_end",
+        "resolution",
+    )
+
+    def unet_config(self, *, resolution: int, channels: int) -> UNetConfig:
+        return UNetConfig.ddpm(
+            resolution=resolution,
+            in_channels=channels,
+            ch=self.ch,
+            ch_mult=tuple(self.ch_mult),
+            num_res_blocks=self.num_res_blocks,
+            attn_resolutions=tuple(self.attn_resolutions),
+            dropout=self.dropout,
+        )
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(
+            num_train_timesteps=self.num_timesteps,
+            beta_schedule=self.beta_schedule,
+            beta_start=self.beta_start,
+            beta_end=self.beta_end,
+            variance_type=self.variance_type,
+            clip_sample=True,
+        )
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr over cfg.warmup steps (the paper warms up over 5000), then constant."""
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema ← decay·ema + (1 − decay)·θ for every parameter (buffers copied)."""
+    ema_params = list(ema.parameters())
+    torch._foreach_lerp_(ema_params, list(model.parameters()), 1.0 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
+        b_ema.copy_(b)
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """Warm the EMA up so early weights do not linger: min(decay, (1 + step) / (10 + step))."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+def training_loss(
+    model: torch.nn.Module, schedule: Schedule, x0: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """Algorithm 1, lines 2–5: t ~ U{1..T}, ε ~ N(0, I), ‖ε − ε_θ(√ᾱ_t x₀ + √(1−ᾱ_t) ε, t)‖²."""
+    t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    return F.mse_loss(model(q_sample(schedule, x0, t, noise), t), noise)
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Owns one run folder; `run()` trains until cfg.steps, checkpointing and resuming as it goes."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = torch.device(cfg.device)
+        self.data = self._load_data()
+        _, channels, resolution, _ = self.data.shape
+        self.unet_config = cfg.unet_config(resolution=resolution, channels=channels)
+        sched = cfg.scheduler_config()
+        self.scheduler_config = sched
+        self.schedule = Schedule.from_config(
+            sched.beta_schedule, sched.num_train_timesteps, sched.beta_start, sched.beta_end
+        ).to(self.device)
+        torch.manual_seed(cfg.seed)  # initial weights only; every later draw uses self.generator
+        self.model = UNet(self.unet_config).to(self.device)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.data_generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self.preview_noise = torch.randn(
+            (64, *self.data.shape[1:]), generator=torch.Generator().manual_seed(cfg.seed + 2)
+        ).to(self.device)
+        self.step = 0
+        self.order = torch.empty(0, dtype=torch.long)
+        self.elapsed = 0.0
+        self._stop = False
+        if (self.out / "state.pt").exists():
+            self._resume()
+
+    def _load_data(self) -> torch.Tensor:
+        x = load_images(self.cfg.data)
+        if self.cfg.resolution is not None:
+            x = pad_to(x, self.cfg.resolution)
+        if x.shape[-1] != x.shape[-2]:
+            raise DataError(f"{self.cfg.data}: images must be square, got {tuple(x.shape[-2:])}")
+        if self.cfg.holdout:
+            keep = torch.ones(len(x), dtype=torch.bool)
+            keep[torch.tensor(self.cfg.holdout)] = False
+            x = x[keep]
+        return x
+
+    def _resume(self) -> None:
+        state = torch.load(self.out / "state.pt", map_location="cpu", weights_only=True)
+        saved = state["config"]
+        clashes = {
+            k: (saved.get(k), getattr(self.cfg, k))
+            for k in TrainConfig.MODEL_KEYS
+            if _norm(saved.get(k)) != _norm(getattr(self.cfg, k))
+        }
+        if clashes:
+            raise SystemExit(
+                f"{self.out}/state.pt was trained with other settings {clashes} "
+                "(saved, asked); use another --out folder"
+            )
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.data_generator.set_state(state["data_generator"])
+        self.order = state["order"]
+        self.step = state["step"]
+        self.elapsed = state.get("elapsed", 0.0)
+        log.info("resumed %s at step %d", self.out, self.step)
+
+    def save(self) -> None:
+        """Write state.pt atomically, then the EMA model in the diffusers layout."""
+        _atomic_save(
+            {
+                "config": dataclasses.asdict(self.cfg),
+                "step": self.step,
+                "elapsed": self.elapsed,
+                "model": self.model.state_dict(),
+                "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(),
+                "data_generator": self.data_generator.get_state(),
+                "order": self.order,
+            },
+            self.out / "state.pt",
+        )
+        save_checkpoint(self.out / "model", self.ema, self.scheduler_config)
+        (self.out / "model" / "training.json").write_text(
+            json.dumps(
+                {
+                    "step": self.step,
+                    "train_seconds": round(self.elapsed, 1),
+                    "device": str(self.device),
+                    "config": dataclasses.asdict(self.cfg),
+                },
+                indent=2,
+                default=list,
+            )
+        )
+
+    def next_batch(self) -> torch.Tensor:
+        """Shuffled epochs without replacement, drawn from a generator that is saved with the run."""
+        b = self.cfg.batch_size
+        if len(self.order) < b:
+            self.order = torch.cat(
+                [self.order, torch.randperm(len(self.data), generator=self.data_generator)]
+            )
+        idx, self.order = self.order[:b], self.order[b:]
+        x = self.data[idx]
+        if self.cfg.hflip:
+            flip = torch.rand(len(x), generator=self.data_generator) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x.to(self.device, non_blocking=True)
+
+    @torch.no_grad()
+    def preview(self) -> Path:
+        """A grid of 64 EMA samples (DDIM, fixed noise) so runs can be watched improving."""
+        x = sample_ddim(self.ema, self.preview_noise, self.schedule, steps=self.cfg.preview_steps, eta=0.0)
+        path = self.out / "previews" / f"step-{self.step:07d}.png"
+        path.parent.mkdir(exist_ok=True)
+        save_png(str(path), make_grid(x, ncol=8))
+        return path
+
+    def _on_signal(self, signum, frame) -> None:
+        log.warning("signal %d: saving at the end of this step, then stopping", signum)
+        self._stop = True
+
+    def run(self) -> Path:
+        cfg = self.cfg
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.model.train()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        smoothed = None
+        try:
+            while self.step < cfg.steps and not self._stop:
+                started = time.perf_counter()
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr_at(self.step, cfg)
+                loss = training_loss(self.model, self.schedule, self.next_batch(), self.generator)
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; lower --lr")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                self.optimizer.step()
+                ema_update(self.ema, self.model, ema_decay_at(self.step, cfg.ema_decay))
+                self.step += 1
+                took = time.perf_counter() - started
+                self.elapsed += took
+                smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
+                bar.set_postfix(loss=f"{smoothed:.4f}", img_s=f"{cfg.batch_size / took:.0f}")
+                bar.update(1)
+                if self.step % cfg.checkpoint_every == 0:
+                    self.save()
+                if cfg.preview_every and self.step % cfg.preview_every == 0:
+                    self.preview()
+        finally:
+            bar.close()
+            for s, handler in old.items():
+                signal.signal(s, handler)
+        self.save()
+        log.info("step %d: saved %s (%.0f s of training)", self.step, self.out / "model", self.elapsed)
+        return self.out / "model"
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple | list) else v

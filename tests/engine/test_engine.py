@@ -1,0 +1,219 @@
+import numpy as np
+import torch
+
+from app.diffusion import Variance, calc_bpd_loop
+from app.engine.work import Work
+from app.rng import ImageNoise
+from app.sampling import generate, schedule_of
+from tests.engine.conftest import sample_work
+
+
+def _images(rec, job_id):
+    outcome, payload = rec.wait(job_id)
+    assert outcome == "finished", payload
+    return payload[0]
+
+
+def test_sample_equals_library_generate(engine_factory, tiny_ckpt):
+    engine, rec = engine_factory()
+    engine.start()
+    engine.submit(sample_work("a", n=3, steps=40, seed=11))
+    engine.submit(sample_work("b", n=2, steps=8, sampler="ddim", seed=5))
+    ref_a = generate(tiny_ckpt, n=3, steps=40, sampler="ddpm", variance="beta", seed=11).images
+    ref_b = generate(tiny_ckpt, n=2, steps=8, sampler="ddim", seed=5).images
+    torch.testing.assert_close(_images(rec, "a"), ref_a, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_images(rec, "b"), ref_b, atol=1e-5, rtol=0)
+    assert rec.of("started", "a") == [("started", "a", 40)]
+
+
+def test_concurrent_jobs_share_forwards_and_keep_their_own_results(engine_factory, tiny_ckpt):
+    engine, rec = engine_factory()
+    jobs = {
+        "ddpm": dict(n=3, steps=40, sampler="ddpm", variance="beta", clip=True, seed=1),
+        "ddim": dict(n=2, steps=10, sampler="ddim", eta=0.0, clip=False, seed=2),
+        "ddim-eta": dict(n=1, steps=20, sampler="ddim", eta=0.7, clip=True, seed=3),
+        "small": dict(n=4, steps=13, sampler="ddpm", variance="posterior", clip=False, seed=4),
+    }
+    for job_id, kw in jobs.items():  # queued before the thread starts: all join the first step
+        engine.submit(sample_work(job_id, **kw))
+    engine.start()
+    for job_id, kw in jobs.items():
+        alone = generate(
+            tiny_ckpt,
+            n=kw["n"],
+            steps=kw["steps"],
+            sampler=kw["sampler"],
+            eta=kw.get("eta", 0.0),
+            variance=kw.get("variance"),
+            clip_denoised=kw["clip"],
+            seed=kw["seed"],
+        ).images
+        torch.testing.assert_close(_images(rec, job_id), alone, atol=1e-5, rtol=0)
+    assert engine.forwards == 40  # the longest chain; the others rode along
+    assert engine.running == 0 and engine.queued == 0
+
+
+def test_image_k_does_not_depend_on_n(engine_factory):
+    engine, rec = engine_factory()
+    engine.start()
+    engine.submit(sample_work("four", n=4, steps=10, seed=9))
+    engine.submit(sample_work("two", n=2, steps=10, seed=9))
+    torch.testing.assert_close(_images(rec, "four")[:2], _images(rec, "two"), atol=1e-5, rtol=0)
+
+
+def test_max_batch_queues_and_late_jobs_join_between_steps(engine_factory):
+    engine, rec = engine_factory(max_batch=3)
+    for k in range(3):
+        engine.submit(sample_work(f"j{k}", n=2, steps=10, seed=k))
+    assert engine.queue_position("j2") == 2
+    engine.start()
+    for k in range(3):
+        _images(rec, f"j{k}")
+    # 2 + 2 rows exceed max_batch 3: the jobs ran one after another
+    assert engine.forwards == 30
+
+
+def test_cancel_queued_and_running(engine_factory):
+    engine, rec = engine_factory(max_batch=2)
+    engine.submit(sample_work("long", n=2, steps=40, stream_every=1))
+    engine.submit(sample_work("queued", n=2, steps=5))
+    engine.start()
+    while not rec.of("progress", "long"):
+        pass
+    assert engine.cancel("queued") and engine.cancel("long")
+    assert rec.wait("long")[0] == "cancelled"
+    assert rec.wait("queued")[0] == "cancelled"
+    assert rec.of("started", "queued") == []
+    steps_done = max(e[2] for e in rec.of("progress", "long"))
+    assert steps_done < 40
+    assert not engine.cancel("long")  # already gone
+
+
+def test_a_failing_job_fails_alone(engine_factory):
+    engine, rec = engine_factory()
+    bad = np.full((1, 1, 8, 8), np.nan, dtype=np.float32)
+    engine.submit(sample_work("bad", n=1, steps=5, latents=bad))
+    engine.submit(sample_work("good", n=2, steps=5))
+    engine.submit(Work(job_id="broken", kind="sample", model="tiny", params={"n": 1}))  # missing params
+    engine.start()
+    outcome, (code, message) = rec.wait("bad")
+    assert (outcome, code) == ("failed", "non_finite") and "NaN" in message
+    assert rec.wait("broken")[0] == "failed"
+    assert _images(rec, "good").shape == (2, 1, 8, 8)
+    engine.submit(sample_work("after", n=1, steps=3))
+    assert _images(rec, "after").isfinite().all()
+
+
+def test_previews_every_k_steps_carry_x0_and_xt(engine_factory):
+    engine, rec = engine_factory()
+    engine.start()
+    engine.submit(sample_work("p", n=2, steps=12, stream_every=4))
+    final = _images(rec, "p")
+    assert final.shape == (2, 1, 8, 8)
+    progress = rec.of("progress", "p")
+    assert [e[2] for e in progress] == [4, 8, 12]
+    assert all(e[3] == 12 and e[5].shape == e[6].shape == (2, 1, 8, 8) for e in progress)
+    assert progress[-1][4] == 2  # the last of 12 trailing steps of 40 is t index 2
+    assert (progress[-1][5].abs() <= 1).all()  # x̂₀ is clipped
+
+
+def _reconstruct(job_id, image, *, t, n, seed):
+    return Work(
+        job_id=job_id,
+        kind="reconstruct",
+        model="tiny",
+        params={"t": t, "n": n, "seed": seed, "stream_every": 0},
+        inputs={"image": image},
+    )
+
+
+def test_interpolation_endpoints_are_reconstructions(engine_factory):
+    engine, rec = engine_factory()
+    engine.start()
+    rng = np.random.default_rng(0)
+    a, b = (rng.uniform(-1, 1, (1, 8, 8)).astype(np.float32) for _ in range(2))
+    engine.submit(
+        Work(
+            job_id="i",
+            kind="interpolate",
+            model="tiny",
+            params={"t": [20, 30], "lambdas": [0.0, 0.5, 1.0], "steps": None, "seed": 3, "stream_every": 0},
+            inputs={"a": a, "b": b},
+        )
+    )
+    engine.submit(_reconstruct("ra", a, t=20, n=2, seed=3))
+    engine.submit(_reconstruct("rb", b, t=30, n=1, seed=3))
+    rows = _images(rec, "i")
+    assert rows.shape == (6, 1, 8, 8)
+    assert rec.results["i"][1][1] == {"rows": 2, "columns": 3}
+    torch.testing.assert_close(rows[0], _images(rec, "ra")[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(rows[5], _images(rec, "rb")[0], atol=1e-5, rtol=0)
+    assert not torch.allclose(rows[1], rows[0])
+
+
+def test_interpolation_from_seeds_samples_the_sources_first(engine_factory, tiny_ckpt):
+    engine, rec = engine_factory()
+    engine.start()
+    engine.submit(
+        Work(
+            job_id="s",
+            kind="interpolate",
+            model="tiny",
+            params={
+                "t": [10],
+                "lambdas": [0.0, 1.0],
+                "steps": 5,
+                "seed": 1,
+                "a_seed": 7,
+                "b_seed": 8,
+                "stream_every": 0,
+            },
+        )
+    )
+    rows = _images(rec, "s")
+    assert rec.of("started", "s")[0][2] == 40 + 5
+    source_a = generate(tiny_ckpt, n=1, seed=7).images
+    engine.submit(
+        Work(
+            job_id="r",
+            kind="reconstruct",
+            model="tiny",
+            params={"t": 10, "n": 1, "seed": 1, "stream_every": 0},
+            inputs={"image": source_a[0].numpy()},
+        )
+    )
+    # λ = 0 decodes a's x_t with 5 steps, reconstruction with all 10: they differ, but both are finite
+    assert rows.isfinite().all() and _images(rec, "r").isfinite().all()
+
+
+def test_likelihood_equals_calc_bpd_loop(engine_factory, tiny_ckpt):
+    engine, rec = engine_factory()
+    engine.start()
+    images = np.random.default_rng(1).uniform(-1, 1, (2, 1, 8, 8)).astype(np.float32)
+    images = np.round((images + 1) * 127.5) / 127.5 - 1
+    engine.submit(
+        Work(
+            job_id="L",
+            kind="likelihood",
+            model="tiny",
+            params={"seed": 4, "curve": True},
+            inputs={"images": images},
+        )
+    )
+    outcome, (empty, extra) = rec.wait("L")
+    assert outcome == "finished" and empty.numel() == 0
+    noise = ImageNoise(4, range(2), (1, 8, 8), "cpu")
+    ref = calc_bpd_loop(
+        tiny_ckpt.unet,
+        torch.from_numpy(images),
+        schedule_of(tiny_ckpt),
+        variance=Variance.BETA,
+        noise_fn=lambda t: noise.randn(),
+    )
+    np.testing.assert_allclose(extra["bits_per_dim"], ref.total_bpd.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(extra["terms"]["prior"], ref.prior_bpd.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(extra["terms"]["decoder"], ref.decoder_bpd.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(extra["terms"]["diffusion"], ref.diffusion_bpd.numpy(), rtol=1e-5)
+    curve = extra["curve"]
+    assert len(curve["rate"][0]) == len(curve["distortion"][0]) == 40
+    np.testing.assert_allclose(curve["rate"][0][0], extra["bits_per_dim"][0], rtol=1e-5)
