@@ -55,6 +55,7 @@ class ApiError(Exception):
 
 
 def not_found(what: str) -> ApiError:
+    what = what if len(what) <= 100 else what[:97] + "…"  # ids come from the client: do not echo megabytes
     return ApiError(404, "not_found", f"{what} not found (unknown, expired, or made with another API key)")
 
 
@@ -90,6 +91,8 @@ def _validation_message(error: Mapping[str, Any]) -> str:
     message = str(error.get("msg", "invalid value"))
     if error.get("type") == "json_invalid":
         return "the request body is not valid JSON"
+    if error.get("type") == "missing" and tuple(error.get("loc", ())) == ("body",):
+        return "a JSON object is required as the request body"
     return message.removeprefix("Value error, ")
 
 
@@ -100,7 +103,13 @@ async def _api_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    details = [{"field": _field(e.get("loc", ())), "message": _validation_message(e)} for e in exc.errors()]
+    details = [
+        {
+            "field": "body" if e.get("type") == "json_invalid" else _field(e.get("loc", ())),
+            "message": _validation_message(e),
+        }
+        for e in exc.errors()
+    ]
     message = "; ".join(f"{d['field']}: {d['message']}" for d in details) or "invalid request"
     return error_response(ApiError(422, "validation_error", message, details=details))
 

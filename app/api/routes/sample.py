@@ -46,9 +46,8 @@ async def sample(
             decode_latents, body.latents, shape=shape, max_bytes=settings.max_body_bytes
         )
     seed = body.seed if body.seed is not None else random_seed()
-    variance = None
-    if body.sampler == "ddpm":
-        variance = str(default_variance(entry.ckpt)) if body.variance == "model" else body.variance
+    # The engine takes a variance for every row (DDIM ignores it); the job shows it for ddpm only.
+    variance = str(default_variance(entry.ckpt)) if body.variance == "model" else body.variance
     work_params = {
         "n": body.n,
         "steps": steps,
@@ -59,7 +58,13 @@ async def sample(
         "seed": seed,
         "stream_every": body.stream_every,
     }
-    params = {**work_params, "model": entry.name, "latents": body.latents is not None, "output": body.output}
+    params = {
+        **work_params,
+        "variance": variance if body.sampler == "ddpm" else None,
+        "model": entry.name,
+        "latents": body.latents is not None,
+        "output": body.output,
+    }
     job = await service.submit(
         kind="sample",
         model=entry.name,

@@ -1,0 +1,82 @@
+"""Limits and access over real HTTP: a full queue, API keys, expiry, and readiness when an engine stops."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.api.conftest import live_server, server_settings, wait_done, wait_for
+
+pytestmark = pytest.mark.service
+
+KEY_A, KEY_B = "a" * 8 + "-key-for-alice", "b" * 8 + "-key-for-bobby"
+LONG = {"n": 1, "steps": 1000, "stream_every": 0}
+
+
+def test_a_full_queue_answers_429_with_retry_after(model_dirs):
+    settings = server_settings(model_dirs[:1], max_batch=1, max_queued_jobs=1)
+    with live_server(settings) as live, live.client() as client:
+        running = client.post("/sample", json=LONG).json()
+        wait_for(client, running["id"], lambda job: job["status"] == "running")
+        queued = client.post("/sample", json=LONG)
+        assert queued.status_code == 202
+        refused = client.post("/sample", json=LONG)
+        assert refused.status_code == 429
+        assert int(refused.headers["retry-after"]) >= 1
+        assert refused.json()["error"]["code"] == "queue_full"
+        client.delete(f"/jobs/{queued.json()['id']}")
+        assert client.post("/sample", json={"n": 1, "steps": 1}).status_code == 202  # room again
+        client.delete(f"/jobs/{running['id']}")
+
+
+@pytest.fixture(scope="module")
+def secured(model_dirs):
+    with live_server(server_settings(model_dirs[:1], api_keys=[KEY_A, KEY_B])) as live:
+        yield live
+
+
+def test_without_a_key_or_with_a_wrong_one_job_routes_are_401(secured):
+    with secured.client() as anonymous:
+        for response in (
+            anonymous.post("/sample", json={"steps": 1}),
+            anonymous.get("/models"),
+            anonymous.get("/jobs/anything"),
+            anonymous.get("/stream/anything"),
+        ):
+            assert response.status_code == 401
+            assert response.json()["error"]["code"] == "unauthorized"
+            assert response.headers["www-authenticate"] == "Bearer"
+    with secured.client(Authorization="Bearer " + "x" * 20) as wrong:
+        assert wrong.get("/models").json()["error"]["message"] == "wrong API key"
+    with secured.client() as probe:  # probes and scrapers need no key
+        assert probe.get("/healthz").status_code == 200 and probe.get("/readyz").status_code == 200
+        assert probe.get("/metrics").status_code == 200
+
+
+def test_a_job_is_visible_only_to_the_key_that_made_it(secured):
+    with (
+        secured.client(Authorization=f"Bearer {KEY_A}") as alice,
+        secured.client(**{"X-API-Key": KEY_B}) as bob,
+    ):
+        job = alice.post("/sample", params={"wait": "true"}, json={"steps": 2}).json()
+        assert job["status"] == "succeeded"
+        assert alice.get(f"/jobs/{job['id']}/images/0.png").status_code == 200
+        for path in ("", "/images/0.png", "/grid.png"):
+            assert bob.get(f"/jobs/{job['id']}{path}").status_code == 404
+        assert bob.get(f"/stream/{job['id']}").status_code == 404
+        assert bob.delete(f"/jobs/{job['id']}").status_code == 404
+        assert bob.get("/models").status_code == 200
+
+
+def test_jobs_expire_and_an_engine_that_stopped_makes_readyz_503(model_dirs):
+    with live_server(server_settings(model_dirs[:1], job_ttl_seconds=1)) as live, live.client() as client:
+        job = client.post("/sample", params={"wait": "true"}, json={"steps": 2}).json()
+        assert wait_done(client, job["id"])["status"] == "succeeded"
+        time.sleep(1.3)
+        for path in (f"/jobs/{job['id']}", f"/jobs/{job['id']}/images/0.png", f"/stream/{job['id']}"):
+            assert client.get(path).status_code == 404
+
+        live.app.state.service.pool.stop(5)  # as if the engine thread had died
+        response = client.get("/readyz")
+        assert response.status_code == 503 and "tiny" in response.json()["error"]["message"]

@@ -1,0 +1,410 @@
+"""POST /sample, jobs, downloads, cancellation and the SSE stream, against a real server over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.api.conftest import live_server, metric, read_sse, server_settings, wait_done, wait_for
+
+pytestmark = pytest.mark.service
+
+LONG = {"n": 1, "steps": 1000, "stream_every": 0}  # ~10 s on a CPU core: long enough to catch running
+
+
+@pytest.fixture(scope="module")
+def live(model_dirs):
+    settings = server_settings(
+        model_dirs,
+        max_batch=2,
+        max_images=4,
+        max_body_bytes=64 * 1024,
+        heartbeat_seconds=0.5,
+        max_streams_per_key=2,
+    )
+    with live_server(settings) as server:
+        yield server
+
+
+@pytest.fixture
+def client(live):
+    with live.client() as c:
+        yield c
+
+
+def post_sample(client: httpx.Client, **body) -> dict:
+    response = client.post("/sample", json=body)
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+# Creating and polling
+
+
+def test_sample_answers_202_at_once_then_the_job_succeeds(client):
+    response = client.post("/sample", json={"n": 2, "steps": 5, "seed": 1})
+    assert response.status_code == 202
+    job = response.json()
+    assert response.headers["location"] == f"/jobs/{job['id']}"
+    assert job["status"] in ("queued", "running") and job["kind"] == "sample" and job["model"] == "tiny"
+    assert job["seed"] == 1 and job["progress"]["steps"] == 5
+    assert job["params"]["variance"] == "beta"  # "model" resolved to the checkpoint's fixed_large
+    assert job["urls"] == {"self": f"/jobs/{job['id']}", "stream": f"/stream/{job['id']}"}
+    done = wait_done(client, job["id"])
+    assert done["status"] == "succeeded" and done["progress"] == {"step": 5, "steps": 5}
+    assert done["started_at"] and done["finished_at"] and done["error"] is None
+    assert [image["url"] for image in done["result"]["images"]] == [
+        f"/jobs/{job['id']}/images/0.png",
+        f"/jobs/{job['id']}/images/1.png",
+    ]
+    assert done["result"]["grid_url"] == f"/jobs/{job['id']}/grid.png"
+
+
+def test_a_seed_is_chosen_and_reported_when_none_is_given(client):
+    first, second = post_sample(client, steps=2), post_sample(client, steps=2)
+    assert isinstance(first["seed"], int) and first["seed"] != second["seed"]
+
+
+def test_wait_true_answers_200_with_the_finished_job(client):
+    response = client.post("/sample", params={"wait": "true"}, json={"n": 1, "steps": 4})
+    assert response.status_code == 200
+    assert response.json()["status"] == "succeeded" and response.json()["result"]["images"]
+
+
+def test_prefer_wait_holds_at_most_n_seconds(client):
+    start = time.monotonic()
+    response = client.post("/sample", headers={"Prefer": "wait=1"}, json=LONG)
+    elapsed = time.monotonic() - start
+    job = response.json()
+    assert response.status_code == 200 and job["status"] in ("queued", "running")
+    assert 0.9 < elapsed < 5
+    assert client.delete(f"/jobs/{job['id']}").json()["status"] == "cancelled"
+
+
+# Downloads
+
+
+def test_images_download_as_png_and_npy_with_the_right_shapes(client):
+    job = client.post("/sample", params={"wait": "true"}, json={"n": 3, "steps": 3, "seed": 4}).json()
+    base = f"/jobs/{job['id']}"
+    batch = decode_npy(client.get(f"{base}/images.npy").content)
+    assert batch.shape == (3, 1, 8, 8) and batch.dtype == np.float32
+    assert batch.min() >= -1 and batch.max() <= 1
+    for k in range(3):
+        png = client.get(f"{base}/images/{k}.png")
+        assert png.headers["content-type"] == "image/png"
+        image = Image.open(io.BytesIO(png.content))
+        assert (image.size, image.mode) == ((8, 8), "L")
+        one = decode_npy(client.get(f"{base}/images/{k}.npy").content)
+        assert one.shape == (1, 1, 8, 8) and np.array_equal(one[0], batch[k])
+        # API.md's mapping: round((x + 1) * 127.5) clipped to 0..255
+        expected = np.clip(np.round((batch[k, 0] + 1) * 127.5), 0, 255).astype(np.uint8)
+        assert np.array_equal(np.asarray(image), expected)
+    grid = Image.open(io.BytesIO(client.get(f"{base}/grid.png").content))
+    assert grid.size[0] >= 2 * 8 and grid.size[1] >= 2 * 8
+
+
+def test_output_npy_links_the_npy_downloads(client):
+    job = client.post("/sample", params={"wait": "true"}, json={"n": 2, "steps": 2, "output": "npy"}).json()
+    urls = [image["url"] for image in job["result"]["images"]]
+    assert urls == [f"/jobs/{job['id']}/images/0.npy", f"/jobs/{job['id']}/images/1.npy"]
+    assert decode_npy(client.get(urls[1]).content).shape == (1, 1, 8, 8)
+
+
+def test_an_image_index_out_of_range_is_404_and_a_non_number_422(client):
+    job = client.post("/sample", params={"wait": "true"}, json={"n": 1, "steps": 2}).json()
+    assert client.get(f"/jobs/{job['id']}/images/1.png").status_code == 404
+    assert client.get(f"/jobs/{job['id']}/images/-1.npy").status_code == 404
+    response = client.get(f"/jobs/{job['id']}/images/first.png")
+    assert response.status_code == 422 and "index" in response.json()["error"]["message"]
+
+
+def test_downloads_before_the_job_is_done_are_409(client):
+    job = post_sample(client, **LONG)
+    for path in ("images/0.png", "images/0.npy", "grid.png", "images.npy"):
+        response = client.get(f"/jobs/{job['id']}/{path}")
+        assert response.status_code == 409, path
+        assert response.json()["error"]["code"] == "not_ready"
+    client.delete(f"/jobs/{job['id']}")
+
+
+# Determinism
+
+
+def test_same_seed_same_images_and_image_k_does_not_depend_on_n(client):
+    def images(n: int, seed: int) -> np.ndarray:
+        body = {"n": n, "steps": 4, "seed": seed}
+        job = client.post("/sample", params={"wait": "true"}, json=body).json()
+        return decode_npy(client.get(f"/jobs/{job['id']}/images.npy").content)
+
+    two = images(2, seed=11)
+    np.testing.assert_allclose(images(2, seed=11), two, atol=1e-5)
+    np.testing.assert_allclose(images(1, seed=11)[0], two[0], atol=1e-5)
+    assert np.abs(images(1, seed=12)[0] - two[0]).max() > 0.1
+
+
+def test_given_latents_are_the_starting_point(client):
+    x_T = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    buf = io.BytesIO()
+    np.save(buf, x_T)
+    latents = base64.b64encode(buf.getvalue()).decode()
+    body = {"n": 2, "steps": 3, "sampler": "ddim", "clip_denoised": False, "latents": latents}
+    runs = []
+    for seed in (1, 2):  # DDIM with η = 0 uses no noise: only x_T matters, not the seed
+        job = client.post("/sample", params={"wait": "true"}, json={**body, "seed": seed}).json()
+        assert job["params"]["latents"] is True
+        runs.append(decode_npy(client.get(f"/jobs/{job['id']}/images.npy").content))
+    np.testing.assert_allclose(runs[0], runs[1], atol=1e-5)
+
+
+# Cancellation
+
+
+def forwards(client: httpx.Client) -> float:
+    return metric(client.get("/metrics").text, "ddpm_engine_forwards_total", model="tiny")
+
+
+def test_cancel_a_queued_and_a_running_job(client):
+    running = post_sample(client, n=2, steps=1000, stream_every=0)  # fills both slots (max_batch=2)
+    wait_for(client, running["id"], lambda job: job["status"] == "running")
+    queued = post_sample(client, n=1, steps=5)
+    assert client.get(f"/jobs/{queued['id']}").json()["queue_position"] == 1
+
+    cancelled = client.delete(f"/jobs/{queued['id']}").json()
+    assert cancelled["status"] == "cancelled" and cancelled["started_at"] is None
+
+    stopped = client.delete(f"/jobs/{running['id']}").json()
+    assert stopped["status"] == "cancelled" and stopped["progress"]["step"] < 1000
+    before = forwards(client)
+    time.sleep(0.3)  # ~30 steps' worth: none may run once the answer came
+    assert forwards(client) == before
+    assert client.get(f"/jobs/{running['id']}/images/0.png").status_code == 409
+
+
+def test_deleting_a_finished_job_answers_its_final_status(client):
+    job = client.post("/sample", params={"wait": "true"}, json={"n": 1, "steps": 2}).json()
+    response = client.delete(f"/jobs/{job['id']}")
+    assert response.status_code == 200 and response.json()["status"] == "succeeded"
+
+
+# Server-Sent Events
+
+
+def stream(client: httpx.Client, job_id: str, *, headers=None, params=None, comments=None) -> list:
+    with client.stream("GET", f"/stream/{job_id}", headers=headers or {}, params=params) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        return list(read_sse(response, comments=comments))
+
+
+def test_stream_sends_progress_then_done_with_the_final_job(client):
+    job = post_sample(client, n=2, steps=6, stream_every=1, seed=3)
+    events = stream(client, job["id"])
+    progress = [e for e in events if e.event == "progress"]
+    assert len(progress) >= 3
+    ids = [e.id for e in events]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert [e.data["step"] for e in progress] == sorted(e.data["step"] for e in progress)
+    first = progress[0].data
+    assert first["steps"] == 6 and 0 <= first["t"] < 1000 and len(first["x0"]) == 2 and "xt" not in first
+    assert Image.open(io.BytesIO(base64.b64decode(first["x0"][0]))).size == (8, 8)
+    assert events[-1].event == "done"
+    assert events[-1].data["id"] == job["id"] and events[-1].data["status"] == "succeeded"
+    assert events[-1].data["result"]["grid_url"] == f"/jobs/{job['id']}/grid.png"
+
+
+def test_a_late_subscriber_gets_the_whole_replay_at_once(client):
+    job = client.post("/sample", params={"wait": "true"}, json={"n": 1, "steps": 4, "stream_every": 1}).json()
+    start = time.monotonic()
+    events = stream(client, job["id"])
+    assert time.monotonic() - start < 2
+    assert [e.event for e in events] == ["progress"] * 4 + ["done"]
+    assert [e.data["step"] for e in events[:4]] == [1, 2, 3, 4]
+
+
+def test_last_event_id_resumes_after_that_event(client):
+    job = client.post("/sample", params={"wait": "true"}, json={"n": 1, "steps": 5, "stream_every": 1}).json()
+    everything = stream(client, job["id"])
+    resumed = stream(client, job["id"], headers={"Last-Event-ID": str(everything[2].id)})
+    assert [e.id for e in resumed] == [e.id for e in everything[3:]]
+    bad = client.get(f"/stream/{job['id']}", headers={"Last-Event-ID": "soon"})
+    assert bad.status_code == 422 and "Last-Event-ID" in bad.json()["error"]["message"]
+
+
+def test_xt_previews_only_when_asked(client):
+    job = client.post("/sample", params={"wait": "true"}, json={"n": 2, "steps": 2, "stream_every": 1}).json()
+    progress = [e for e in stream(client, job["id"], params={"xt": "true"}) if e.event == "progress"]
+    assert progress and all(len(e.data["xt"]) == 2 for e in progress)
+
+
+def test_an_idle_stream_sends_heartbeats_and_ends_when_the_job_is_cancelled(live, client):
+    job = post_sample(client, **LONG)
+    comments: list[str] = []
+    with live.client() as other:
+
+        def cancel_soon() -> None:
+            time.sleep(1.3)
+            other.delete(f"/jobs/{job['id']}")
+
+        import threading
+
+        threading.Thread(target=cancel_soon).start()
+        events = stream(client, job["id"], comments=comments)
+    assert len(comments) >= 2  # heartbeat_seconds = 0.5
+    assert events[-1].event == "done" and events[-1].data["status"] == "cancelled"
+
+
+def test_too_many_streams_for_one_key_is_429(live, client):
+    job = post_sample(client, **LONG)
+    with (
+        live.client() as a,
+        live.client() as b,
+        a.stream("GET", f"/stream/{job['id']}") as first,
+        b.stream("GET", f"/stream/{job['id']}") as second,
+    ):
+        assert first.status_code == second.status_code == 200
+        refused = client.get(f"/stream/{job['id']}")
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0
+        assert refused.json()["error"]["code"] == "too_many_streams"
+    # Both closed: a new stream is accepted again.
+    for _ in range(50):
+        with client.stream("GET", f"/stream/{job['id']}") as again:
+            if again.status_code == 200:
+                break
+        time.sleep(0.05)
+    assert again.status_code == 200
+    client.delete(f"/jobs/{job['id']}")
+
+
+# Errors
+
+
+def error_of(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and body["error"]["code"] and body["error"]["message"]
+    return body["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"n": "4"}, "n"),
+        ({"n": 0}, "n"),
+        ({"n": 5}, "n"),  # over max_images = 4
+        ({"steps": 1001}, "steps"),  # over T = 1000
+        ({"steps": 0}, "steps"),
+        ({"sampler": "euler"}, "sampler"),
+        ({"eta": 2}, "eta"),
+        ({"clip_denoised": "yes"}, "clip_denoised"),
+        ({"seed": -1}, "seed"),
+        ({"output": "gif"}, "output"),
+        ({"stream_every": -1}, "stream_every"),
+        ({"colour": "red"}, "colour"),
+        ({"latents": "AAAA"}, "latents"),
+    ],
+)
+def test_invalid_requests_are_422_naming_the_field(client, body, field):
+    error = error_of(client.post("/sample", json=body), 422)
+    assert error["code"] == "validation_error" and field in error["message"]
+
+
+def test_options_of_the_other_sampler_are_refused(client):
+    assert "eta" in error_of(client.post("/sample", json={"sampler": "ddpm", "eta": 0.5}), 422)["message"]
+    body = {"sampler": "ddim", "variance": "beta"}
+    assert "variance" in error_of(client.post("/sample", json=body), 422)["message"]
+
+
+def test_a_body_that_is_not_json_is_422(client):
+    response = client.post("/sample", content=b"{n: 4", headers={"content-type": "application/json"})
+    assert "JSON" in error_of(response, 422)["message"]
+
+
+def test_unknown_ids_and_models_are_404(client):
+    for path in ("/jobs/nope", "/jobs/nope/images/0.png", "/jobs/nope/grid.png", "/stream/nope"):
+        error_of(client.get(path), 404)
+    error_of(client.delete("/jobs/nope"), 404)
+    error = error_of(client.post("/sample", json={"model": "mnist"}), 404)
+    assert "tiny" in error["message"] and "tiny2" in error["message"]
+
+
+def test_a_body_over_the_limit_is_413_whether_declared_or_streamed(client):
+    big = {"n": 1, "latents": "A" * (70 * 1024)}
+    error = error_of(client.post("/sample", json=big), 413)
+    assert "65536" in error["message"]
+
+    def chunks():
+        yield b'{"latents": "'
+        for _ in range(80):
+            yield b"A" * 1024
+        yield b'"}'
+
+    error_of(client.post("/sample", content=chunks(), headers={"content-type": "application/json"}), 413)
+
+
+def test_unknown_routes_and_methods_keep_the_error_shape(client):
+    error_of(client.get("/nowhere"), 404)
+    error_of(client.put("/sample", json={}), 405)
+
+
+# Models, health, metrics, docs
+
+
+def test_models_lists_both_with_their_training_setup(client):
+    models = client.get("/models").json()
+    assert [m["name"] for m in models] == ["tiny", "tiny2"]
+    tiny, tiny2 = models
+    assert tiny["default"] is True and tiny2["default"] is False
+    assert (tiny["resolution"], tiny["channels"], tiny["timesteps"], tiny["variance"]) == (8, 1, 1000, "beta")
+    assert (tiny2["timesteps"], tiny2["variance"], tiny2["beta_schedule"]) == (100, "posterior", "linear")
+    assert tiny["parameters"] > 100_000 and tiny["source"].endswith("tiny")
+
+
+def test_a_request_can_pick_the_second_model(client):
+    job = client.post("/sample", params={"wait": "true"}, json={"model": "tiny2", "steps": 3}).json()
+    assert (
+        job["model"] == "tiny2" and job["params"]["variance"] == "posterior" and job["status"] == "succeeded"
+    )
+    assert "100" in error_of(client.post("/sample", json={"model": "tiny2", "steps": 101}), 422)["message"]
+
+
+def test_health_and_readiness(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["models"] == ["tiny", "tiny2"]
+
+
+def test_metrics_expose_requests_jobs_and_engine(client):
+    client.post("/sample", params={"wait": "true"}, json={"n": 1, "steps": 2})
+    text = client.get("/metrics").text
+    labels = {"route": "/sample", "method": "POST", "status": "200"}
+    assert metric(text, "ddpm_http_request_duration_seconds_count", **labels) >= 1
+    assert metric(text, "ddpm_jobs_total", kind="sample", outcome="succeeded") >= 1
+    assert metric(text, "ddpm_images_total", model="tiny") >= 1
+    assert metric(text, "ddpm_engine_forwards_total", model="tiny") >= 2
+    assert metric(text, "ddpm_model_load_seconds", model="tiny") > 0
+    assert "ddpm_queue_wait_seconds_bucket" in text and "ddpm_engine_batch_size_bucket" in text
+
+
+def test_openapi_documents_every_route(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in (
+        "/sample",
+        "/jobs/{job_id}",
+        "/jobs/{job_id}/grid.png",
+        "/stream/{job_id}",
+        "/models",
+        "/readyz",
+    ):
+        assert path in paths
+    assert client.get("/docs").status_code == 200
