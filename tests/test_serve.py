@@ -47,3 +47,39 @@ def test_bad_settings_and_redis_stop_start_up_with_a_message(monkeypatch):
     monkeypatch.setenv("DDPM_REDIS_URL", "redis://localhost:6379")
     with pytest.raises(SystemExit, match="not implemented yet"):
         main([])
+
+
+@pytest.mark.service
+def test_the_serve_command_starts_a_server_that_answers(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from tests.api.conftest import save_tiny
+
+    model = save_tiny(tmp_path / "tiny", timesteps=10, variance_type="fixed_large")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-c", "from app.cli import serve_main; serve_main()"]
+    args = ["--model", str(model), "--port", str(port), "--device", "cpu"]
+    process = subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None, process.stdout.read()
+                assert time.monotonic() < deadline, "ddpm-serve did not answer within 60 s"
+                time.sleep(0.1)
+        assert ready.status_code == 200 and ready.json()["models"] == ["tiny"]
+        job = httpx.post(f"http://127.0.0.1:{port}/sample?wait=true", json={"steps": 2}, timeout=30).json()
+        assert job["status"] == "succeeded"
+    finally:
+        process.terminate()
+        process.wait(20)

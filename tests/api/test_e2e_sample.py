@@ -153,6 +153,25 @@ def test_same_seed_same_images_and_image_k_does_not_depend_on_n(client):
     assert np.abs(images(1, seed=12)[0] - two[0]).max() > 0.1
 
 
+def test_concurrent_jobs_share_forward_passes_and_keep_their_images(live, client):
+    def run(body: dict) -> dict:
+        return client.post("/sample", params={"wait": "true"}, json=body).json()
+
+    def images(job: dict) -> np.ndarray:
+        return decode_npy(client.get(f"/jobs/{job['id']}/images.npy").content)
+
+    body = {"n": 1, "steps": 20, "seed": 21, "stream_every": 0}
+    alone = images(run(body))
+    before = forwards(client)
+    with live.client() as other:
+        first = post_sample(client, **body)
+        second = other.post("/sample", json={**body, "seed": 22}).json()
+        jobs = [wait_done(client, first["id"]), wait_done(client, second["id"])]
+    assert [job["status"] for job in jobs] == ["succeeded", "succeeded"]
+    assert forwards(client) - before < 40  # two 20-step chains, batched: fewer forwards than 20 + 20
+    np.testing.assert_allclose(images(jobs[0]), alone, atol=1e-5)  # unchanged by its neighbour
+
+
 def test_given_latents_are_the_starting_point(client):
     x_T = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
     buf = io.BytesIO()
