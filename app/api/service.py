@@ -99,6 +99,8 @@ class JobService:
         owner: str | None,
     ) -> JobRecord:
         """Create a queued job and hand it to its model's engine; 429 when the queue is full."""
+        if not self.pool.engines[model].alive:
+            raise ApiError(503, "engine_unavailable", f"the {model} engine is not running; see /readyz")
         if self.queued() >= self.settings.max_queued_jobs:
             raise ApiError(
                 429,
@@ -119,7 +121,7 @@ class JobService:
             self.runner.forget(job.id)
             await self._end(job.id, Status.FAILED, error={"code": "engine_unavailable", "message": str(e)})
             raise ApiError(
-                503, "engine_unavailable", f"the {model} engine is not running; retry later"
+                503, "engine_unavailable", f"the {model} engine is not running; see /readyz"
             ) from e
         return job
 
@@ -143,14 +145,21 @@ class JobService:
         """Cancel a job and return it once it has ended (cancelled, or whatever it ended as first)."""
         if job.status.terminal:
             return job
-        accepted = await asyncio.to_thread(self.pool.cancel, job.id, job.model)
-        await self.wait(job.id, CANCEL_WAIT_SECONDS if accepted else 1.0)
-        current = await self.get(job.id, job.owner)
-        if not current.status.terminal and not accepted:
-            # The engine does not know the job (it never reached it, or the engine died): end it here.
-            await self._end(job.id, Status.CANCELLED)
-            current = await self.get(job.id, job.owner)
-        return current
+        engine = self.pool.engines.get(job.model)
+        if engine is not None and engine.alive:
+            # A job the engine does not know is either ending right now (its end is on its way to the
+            # store) or between the queue and its first step: look again after a moment.
+            for _ in range(2):
+                accepted = await asyncio.to_thread(self.pool.cancel, job.id, job.model)
+                await self.wait(job.id, CANCEL_WAIT_SECONDS if accepted else 1.0)
+                current = await self.get(job.id, job.owner)
+                if current.status.terminal:
+                    return current
+                if accepted:
+                    break  # accepted but not confirmed in time: the engine is stuck
+        # The engine cannot end it (it died, or never received the job): end the job here.
+        await self._end(job.id, Status.CANCELLED)
+        return await self.get(job.id, job.owner)
 
     async def _end(self, job_id: str, status: Status, error: dict[str, str] | None = None) -> None:
         with contextlib.suppress(InvalidTransition, JobNotFound):

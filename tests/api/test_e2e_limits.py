@@ -77,6 +77,14 @@ def test_jobs_expire_and_an_engine_that_stopped_makes_readyz_503(model_dirs):
         for path in (f"/jobs/{job['id']}", f"/jobs/{job['id']}/images/0.png", f"/stream/{job['id']}"):
             assert client.get(path).status_code == 404
 
+        queued = client.post("/sample", json={"steps": 1000, "stream_every": 0}).json()
         live.app.state.service.pool.stop(5)  # as if the engine thread had died
         response = client.get("/readyz")
         assert response.status_code == 503 and "tiny" in response.json()["error"]["message"]
+        refused = client.post("/sample", json={"steps": 2})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_unavailable"
+        start = time.monotonic()
+        assert (
+            client.delete(f"/jobs/{queued['id']}").json()["status"] == "cancelled"
+        )  # ended without the engine
+        assert time.monotonic() - start < 2
