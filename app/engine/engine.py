@@ -80,6 +80,7 @@ class Engine:
         self._runs: dict[str, Run] = {}
         self._active: list[Group] = []
         self._stopping = False
+        self._admitting: str | None = None  # popped from the queue, not yet in _runs
         self._thread: threading.Thread | None = None
         self.forwards = 0
 
@@ -104,7 +105,11 @@ class Engine:
 
     def cancel(self, job_id: str) -> bool:
         with self._cond:
-            known = job_id in self._runs or any(w.job_id == job_id for w in self._queue)
+            known = (
+                job_id in self._runs
+                or job_id == self._admitting
+                or any(w.job_id == job_id for w in self._queue)
+            )
             if known:
                 self._cancelled.add(job_id)
                 self._cond.notify_all()
@@ -169,6 +174,7 @@ class Engine:
                 if self._active and self.running + rows_needed(work) > self.max_batch:
                     return
                 self._queue.popleft()
+                self._admitting = work.job_id
             try:
                 run = Run(
                     work=work,
@@ -180,6 +186,8 @@ class Engine:
                 self._enter_phase(run, next(run.program))
             except Exception as e:  # a job whose set-up fails fails alone
                 self._fail(work.job_id, "invalid_job", f"could not start: {e}")
+            finally:
+                self._admitting = None
 
     def _enter_phase(self, run: Run, groups: list[Group]) -> None:
         run.groups = groups
