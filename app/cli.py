@@ -48,7 +48,7 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from app.training.train import Trainer, TrainConfig
+    from app.training.train import TrainConfig, Trainer
 
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
     model = Trainer(TrainConfig(**fields)).run()

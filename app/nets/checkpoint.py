@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "SchedulerConfig",
+    "check_state_dict",
     "load_checkpoint",
     "read_state_dict",
     "save_checkpoint",
@@ -63,8 +65,8 @@ class Checkpoint:
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """Tensors of a .safetensors file, or of a pickle (.bin/.ckpt/.pt/.pth) read with weights_only=True, which
-    runs no code from the file; floating-point tensors are returned as float32."""
+    """The tensors of a .safetensors file, or of a pickle (.bin/.ckpt/.pt/.pth) read with weights_only=True,
+    which runs no code from the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
@@ -83,35 +85,31 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             ) from None
         except (RuntimeError, EOFError, OSError) as e:
             raise CheckpointError(f"{path}: not a readable PyTorch weights file ({e})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+    if not isinstance(state, dict):
         raise CheckpointError(
-            f"{path}: expected a flat dict of tensors (a state_dict), got {type(state).__name__}"
+            f"{path}: expected a state_dict (a dict of tensors), got a {type(state).__name__}"
         )
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    for key, value in state.items():
+        if not isinstance(value, Tensor):
+            kind = type(value).__name__
+            raise CheckpointError(
+                f"{path}: expected a state_dict (a dict of tensors), but {key!r} holds a {kind}"
+            )
+    return state
 
 
 def _few(keys: list[str]) -> str:
     return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
 
 
-def unet_from_state_dict(
-    config: UNetConfig, state: dict[str, Tensor], *, source: str, device: str | torch.device = "cpu"
-) -> UNet:
-    """The UNet of `config` holding exactly the tensors of `state` (diffusers names, legacy attention names
-    accepted), in eval mode on `device`; a missing, unexpected or misshapen tensor raises CheckpointError."""
-    renamed = {}
-    for key, value in state.items():
-        legacy = _LEGACY_ATTENTION.fullmatch(key)
-        renamed[f"{legacy[1]}{_LEGACY_NAMES[legacy[2]]}.{legacy[3]}" if legacy else key] = value
-    with torch.device("meta"):  # no random initialisation: every parameter is replaced below
-        unet = UNet(config)
-    expected = unet.state_dict()
-    missing = sorted(expected.keys() - renamed.keys())
-    unexpected = sorted(renamed.keys() - expected.keys())
+def check_state_dict(expected: Mapping[str, torch.Size], found: Mapping[str, Tensor], *, what: str) -> None:
+    """Raise one CheckpointError naming (a few of) the missing, unexpected and misshapen tensors."""
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
     misshapen = [
-        f"{k} expected {tuple(expected[k].shape)} found {tuple(renamed[k].shape)}"
-        for k in sorted(expected.keys() & renamed.keys())
-        if expected[k].shape != renamed[k].shape
+        f"{k} expected {tuple(expected[k])} found {tuple(found[k].shape)}"
+        for k in sorted(expected.keys() & found.keys())
+        if expected[k] != found[k].shape
     ]
     problems = [
         f"{len(missing)} missing keys: {_few(missing)}" if missing else "",
@@ -119,11 +117,28 @@ def unet_from_state_dict(
         f"{len(misshapen)} wrong shapes: {_few(misshapen)}" if misshapen else "",
     ]
     if any(problems):
-        raise CheckpointError(
-            f"{source}: the weights do not match the config ({'; '.join(p for p in problems if p)})"
-        )
-    unet.load_state_dict(renamed, strict=True, assign=True)
-    return unet.to(device).eval()
+        raise CheckpointError(f"the {what} do not match the config ({'; '.join(p for p in problems if p)})")
+
+
+def unet_from_state_dict(
+    config: UNetConfig, state: Mapping[str, Tensor], *, source: str, device: str | torch.device = "cpu"
+) -> UNet:
+    """A UNet of `config` in float32 and eval mode on `device`, holding copies of exactly the tensors of
+    `state` (diffusers names; legacy attention names accepted). A missing, unexpected or misshapen tensor
+    raises CheckpointError naming `source`."""
+    renamed = {}
+    for key, value in state.items():
+        legacy = _LEGACY_ATTENTION.fullmatch(key)
+        renamed[f"{legacy[1]}{_LEGACY_NAMES[legacy[2]]}.{legacy[3]}" if legacy else key] = value
+    with torch.device("meta"):  # no random initialisation: every parameter is overwritten below
+        unet = UNet(config)
+    try:
+        check_state_dict({k: v.shape for k, v in unet.state_dict().items()}, renamed, what="weights")
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    unet = unet.to_empty(device=device).float()
+    unet.load_state_dict(renamed, strict=True)  # copies: the result shares no memory with `state`
+    return unet.eval()
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -178,7 +193,7 @@ def load_checkpoint(
     raise CheckpointError(f"{config_path.parent}: no {' or '.join(WEIGHTS)} next to {CONFIG}")
 
 
-def _write_atomically(path: Path, write: Any) -> None:
+def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
@@ -188,6 +203,8 @@ def save_checkpoint(path: str | os.PathLike[str], unet: UNet, scheduler: Schedul
     """Write config.json, scheduler_config.json and diffusion_pytorch_model.safetensors into the folder `path`
     (created if needed), which diffusers' `UNet2DModel.from_pretrained` and `DDPMScheduler.from_pretrained`
     load. Each file is replaced atomically, so a reader never sees half a file."""
+    if not isinstance(unet, UNet):
+        raise TypeError(f"save_checkpoint needs the UNet itself, not a {type(unet).__name__} wrapping it")
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}

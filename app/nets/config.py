@@ -98,6 +98,8 @@ class UNetConfig:
     num_train_timesteps: int | None = None  # used by diffusers' "learned" embedding only
 
     def __post_init__(self) -> None:
+        for key in ("down_block_types", "up_block_types", "block_out_channels"):
+            object.__setattr__(self, key, tuple(getattr(self, key)))
         for key, allowed in _ONLY_VALUES.items():
             if getattr(self, key) not in allowed:
                 raise _unsupported(key, getattr(self, key), " or ".join(map(repr, allowed)))
@@ -127,7 +129,8 @@ class UNetConfig:
             ("attention_head_dim", attended),
         ):
             value = getattr(self, key)
-            if value is not None and (
+            optional = key != "norm_num_groups"
+            if not (value is None and optional) and (
                 not isinstance(value, int) or value <= 0 or any(w % value for w in widths)
             ):
                 raise _unsupported(
@@ -142,9 +145,6 @@ class UNetConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> UNetConfig:
         """From a diffusers config.json dict; keys starting with "_" are ignored, missing keys take
         diffusers' defaults, anything this network cannot reproduce raises CheckpointError."""
-        class_name = d.get("_class_name", "UNet2DModel")
-        if class_name != "UNet2DModel":
-            raise _unsupported("_class_name", class_name, "'UNet2DModel'")
         return cls(**_merge(d, cls.diffusers_defaults(), "UNet2DModel"))
 
     @classmethod
@@ -194,6 +194,7 @@ class UNetConfig:
             return UNet(self).num_parameters()
 
 
+# As app.diffusion.schedule: "cosine" is this project's name for diffusers' "squaredcos_cap_v2".
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine")
 # ε-prediction with the paper's fixed variances: β_t ("large") or β̃_t ("small"), plain or as a log.
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
@@ -222,6 +223,8 @@ class SchedulerConfig:
     rescale_betas_zero_snr: bool = False
 
     def __post_init__(self) -> None:
+        if self.trained_betas is not None:
+            object.__setattr__(self, "trained_betas", tuple(self.trained_betas))
         if self.prediction_type != "epsilon":
             raise _unsupported("prediction_type", self.prediction_type, "'epsilon' (the paper's ε_θ)")
         if self.variance_type not in VARIANCE_TYPES:

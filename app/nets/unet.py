@@ -9,6 +9,7 @@ level, group normalisation throughout. Module names follow diffusers so that
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,12 @@ class TimeEmbedding(nn.Module):
 
     def forward(self, emb: Tensor) -> Tensor:
         return self.linear_2(F.silu(self.linear_1(emb)))
+
+
+def _resblock_args(cfg: UNetConfig) -> dict[str, Any]:
+    return dict(
+        temb_dim=cfg.time_embed_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps, dropout=cfg.dropout
+    )
 
 
 class ResBlock(nn.Module):
@@ -137,9 +144,7 @@ class DownLevel(nn.Module):
         self, c_in: int, c_out: int, *, layers: int, attention: bool, downsample: bool, cfg: UNetConfig
     ):
         super().__init__()
-        block = dict(
-            temb_dim=cfg.time_embed_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps, dropout=cfg.dropout
-        )
+        block = _resblock_args(cfg)
         attn = dict(head_dim=cfg.attention_head_dim or c_out, groups=cfg.norm_num_groups, eps=cfg.norm_eps)
         self.resnets = nn.ModuleList(
             ResBlock(c_in if j == 0 else c_out, c_out, **block) for j in range(layers)
@@ -175,9 +180,7 @@ class UpLevel(nn.Module):
         cfg: UNetConfig,
     ):
         super().__init__()
-        block = dict(
-            temb_dim=cfg.time_embed_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps, dropout=cfg.dropout
-        )
+        block = _resblock_args(cfg)
         attn = dict(head_dim=cfg.attention_head_dim or c_out, groups=cfg.norm_num_groups, eps=cfg.norm_eps)
         widths = [
             (c_prev if j == 0 else c_out) + (c_skip if j == layers - 1 else c_out) for j in range(layers)
@@ -202,9 +205,7 @@ class MidBlock(nn.Module):
     def __init__(self, channels: int, cfg: UNetConfig) -> None:
         super().__init__()
         scale = cfg.mid_block_scale_factor
-        block = dict(
-            temb_dim=cfg.time_embed_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps, dropout=cfg.dropout
-        )
+        block = _resblock_args(cfg)
         self.resnets = nn.ModuleList(ResBlock(channels, channels, **block, scale=scale) for _ in range(2))
         attn = AttnBlock(
             channels,

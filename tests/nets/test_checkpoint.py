@@ -13,6 +13,7 @@ from app.nets.checkpoint import (
     SchedulerConfig,
     load_checkpoint,
     save_checkpoint,
+    unet_from_state_dict,
 )
 from app.nets.unet import UNet
 
@@ -183,6 +184,24 @@ def test_pickle_with_code_is_refused(saved):
     torch.save({"state_dict": state, "extra": Payload()}, folder / "diffusion_pytorch_model.bin")
     message = error_of(folder)
     assert "diffusion_pytorch_model.bin: refused" in message and "arbitrary code" in message
+
+
+def test_training_checkpoint_is_not_a_state_dict(saved):
+    folder, state = saved
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save({"model": state, "step": 790000}, folder / "diffusion_pytorch_model.bin")
+    message = error_of(folder)
+    assert (
+        "diffusion_pytorch_model.bin: expected a state_dict (a dict of tensors), but 'model' holds" in message
+    )
+
+
+def test_loaded_weights_are_copies(small_config, random_unet):
+    unet = random_unet()
+    copy = unet_from_state_dict(small_config, unet.state_dict(), source="live model")
+    with torch.no_grad():
+        unet.conv_in.weight.zero_()
+    assert copy.conv_in.weight.abs().sum() > 0
 
 
 def test_missing_files_and_folders(saved, tmp_path):

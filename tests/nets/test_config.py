@@ -87,6 +87,7 @@ def test_scheduler_config_round_trips_through_diffusers():
         ),
         ("mid_block_type", None, "'UNetMidBlock2D'"),
         ("attention_head_dim", 48, "an int dividing"),
+        ("norm_num_groups", None, "an int dividing every channel count in [128, 256]"),
         ("sample_size", None, "an int divisible by 2**3"),
         ("flux_capacitor", 1.21, "UNet2DModel keys"),
         ("_class_name", "UNet2DConditionModel", "'UNet2DModel'"),
