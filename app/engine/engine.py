@@ -29,6 +29,8 @@ from app.sampling import schedule_of
 
 log = logging.getLogger(__name__)
 
+PROGRESS_INTERVAL = 0.25  # seconds between image-free progress reports of one job
+
 
 class JobFailed(Exception):
     def __init__(self, code: str, message: str):
@@ -45,6 +47,7 @@ class Run:
     steps: int
     groups: list[Group] = field(default_factory=list)
     step: int = 0
+    reported: float = 0.0  # time.monotonic() of the last progress report
 
     @property
     def job_id(self) -> str:
@@ -270,13 +273,17 @@ class Engine:
     def _advance_runs(self, active: list[Group], previews: dict[Group, tuple[Tensor, Tensor]]) -> None:
         for run in {self._runs[g.job_id] for g in active if g.job_id in self._runs}:
             run.step += 1
-            if run.stream_every and run.step % run.stream_every == 0:
-                mine = [g for g in run.groups if g in previews]
+            mine = [g for g in run.groups if g in previews]
+            t = mine[0].plan_t[mine[0].pos - 1]
+            every = run.stream_every
+            if every and (run.step % every == 0 or run.step == run.steps):
                 xt = torch.cat([previews[g][0] for g in mine]).float().cpu()
                 x0 = torch.cat([previews[g][1] for g in mine]).float().cpu()
-                self.listener.on_progress(
-                    run.job_id, run.step, run.steps, mine[0].plan_t[mine[0].pos - 1], x0, xt
-                )
+                self.listener.on_progress(run.job_id, run.step, run.steps, t, x0, xt)
+                run.reported = time.monotonic()
+            elif time.monotonic() - run.reported >= PROGRESS_INTERVAL:  # a cheap report, no images
+                self.listener.on_progress(run.job_id, run.step, run.steps, t, None, None)
+                run.reported = time.monotonic()
             if all(g.remaining == 0 for g in run.groups):
                 self._next_phase(run)
         self._active = [g for g in self._active if g.remaining > 0 and g.job_id in self._runs]

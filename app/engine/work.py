@@ -45,9 +45,10 @@ class Listener(Protocol):
     def on_started(self, job_id: str, steps: int) -> None: ...
 
     def on_progress(
-        self, job_id: str, step: int, steps: int, t: int, x0: torch.Tensor, xt: torch.Tensor
+        self, job_id: str, step: int, steps: int, t: int, x0: torch.Tensor | None, xt: torch.Tensor | None
     ) -> None:
-        """x0, xt: (n, C, H, W) float32 CPU tensors in model space: x̂₀ and x_t after `step` steps."""
+        """`step` of `steps` done, at timestep index t. On preview steps (every `stream_every`, and the
+        last) x0, xt are (n, C, H, W) float32 CPU tensors, x̂₀ and the x_t it came from; else None."""
 
     def on_finished(self, job_id: str, images: torch.Tensor, extra: dict[str, Any]) -> None:
         """images: (n, C, H, W) float32 CPU in [-1, 1] (empty for likelihood); extra: kind-specific JSON."""

@@ -95,11 +95,9 @@ class JobRunner:
         self._post(job_id, None, apply)
 
     def on_progress(
-        self, job_id: str, step: int, steps: int, t: int, x0: torch.Tensor, xt: torch.Tensor
+        self, job_id: str, step: int, steps: int, t: int, x0: torch.Tensor | None, xt: torch.Tensor | None
     ) -> None:
-        watched = self._lookup(job_id)
-        every = watched.stream_every if watched is not None else 0
-        wants_preview = every > 0 and (step % every == 0 or step == steps)
+        wants_preview = x0 is not None and xt is not None  # the engine picks the preview steps
 
         def encode() -> dict[str, Any] | None:
             if not wants_preview:

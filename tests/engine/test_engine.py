@@ -104,17 +104,21 @@ def test_a_failing_job_fails_alone(engine_factory):
     assert _images(rec, "after").isfinite().all()
 
 
-def test_previews_every_k_steps_carry_x0_and_xt(engine_factory):
+def test_previews_every_k_steps_and_the_last_carry_x0_and_xt(engine_factory):
     engine, rec = engine_factory()
     engine.start()
-    engine.submit(sample_work("p", n=2, steps=12, stream_every=4))
+    engine.submit(sample_work("p", n=2, steps=10, stream_every=4))
+    engine.submit(sample_work("quiet", n=1, steps=10, stream_every=0))
     final = _images(rec, "p")
     assert final.shape == (2, 1, 8, 8)
-    progress = rec.of("progress", "p")
-    assert [e[2] for e in progress] == [4, 8, 12]
-    assert all(e[3] == 12 and e[5].shape == e[6].shape == (2, 1, 8, 8) for e in progress)
-    assert progress[-1][4] == 2  # the last of 12 trailing steps of 40 is t index 2
-    assert (progress[-1][5].abs() <= 1).all()  # x̂₀ is clipped
+    previews = [e for e in rec.of("progress", "p") if e[5] is not None]
+    assert [e[2] for e in previews] == [4, 8, 10]
+    assert all(e[3] == 10 and e[5].shape == e[6].shape == (2, 1, 8, 8) for e in previews)
+    assert previews[-1][4] == 3  # the last of 10 trailing steps of 40 is t index 3
+    assert (previews[-1][5].abs() <= 1).all()  # x̂₀ is clipped
+    rec.wait("quiet")
+    quiet = rec.of("progress", "quiet")
+    assert quiet and all(e[5] is None and e[6] is None for e in quiet)  # step counts, no images
 
 
 def _reconstruct(job_id, image, *, t, n, seed):

@@ -81,19 +81,37 @@ async def test_a_job_runs_to_ordered_previews_results_and_done():
     assert Image.open(io.BytesIO(await store.get_result("j1", "grid.png"))).size[0] > 16
 
 
-async def test_previews_come_every_k_steps_and_at_the_last_step():
+async def test_only_reports_with_images_become_progress_events():
     store = MemoryJobStore(ttl_seconds=60)
     runner = await start(store, "j2", stream_every=2)
 
     def engine() -> None:
         runner.on_started("j2", 5)
         for step in range(1, 6):
-            runner.on_progress("j2", step, 5, 5 - step, frames(2, 0.0), frames(2, 0.0))
+            images = frames(2, 0.0) if step in (2, 4, 5) else None  # the engine picks preview steps
+            runner.on_progress("j2", step, 5, 5 - step, images, images)
         runner.on_finished("j2", frames(2, 0.0), {})
 
     await on_engine_thread(engine)
     events = await finish(store, runner, "j2")
     assert [e.data.get("step") for e in events if e.type is EventType.PROGRESS] == [2, 4, 5]
+
+
+async def test_image_free_reports_move_the_step():
+    store = MemoryJobStore(ttl_seconds=60)
+    runner = await start(store, "j5", stream_every=0)
+    await on_engine_thread(
+        lambda: (runner.on_started("j5", 9), runner.on_progress("j5", 3, 9, 6, None, None))
+    )
+    for _ in range(100):
+        job = await store.get("j5", owner=None)
+        if job.step == 3:
+            break
+        await asyncio.sleep(0.02)
+    assert (job.step, job.steps) == (3, 9)
+    runner.on_finished("j5", frames(2, 0.0), {})
+    events = await finish(store, runner, "j5")
+    assert not [e for e in events if e.type is EventType.PROGRESS]
 
 
 async def test_a_failure_is_recorded_with_an_error_event():
