@@ -1,0 +1,87 @@
+"""Model references, as a user writes them in settings or on the command line, resolved to a Checkpoint."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from app.nets.checkpoint import (
+    CONFIG,
+    SCHEDULER_CONFIG,
+    WEIGHTS,
+    Checkpoint,
+    load_checkpoint,
+    read_state_dict,
+    unet_from_state_dict,
+)
+from app.nets.convert import convert_original_state_dict, is_original_format
+from app.nets.errors import CheckpointError
+from app.nets.presets import PRESETS
+
+_PRESET_REF = re.compile(r"(?P<preset>[A-Za-z][\w.-]*):(?P<weights>.+)")
+_HUB_REF = re.compile(r"hf:(?P<repo>[^@\s]+)(?:@(?P<revision>[^@\s]+))?")
+
+
+def _forms() -> str:
+    return (
+        "accepted: a checkpoint folder; PRESET:WEIGHTS_FILE with PRESET one of "
+        f"{', '.join(PRESETS)} (weights in diffusers or original key names); hf:ORG/NAME[@REVISION]"
+    )
+
+
+def resolve_model(ref: str, *, device: str | torch.device = "cpu") -> Checkpoint:
+    """The checkpoint `ref` names: a local folder (diffusers layout), `PRESET:WEIGHTS_PATH` (a preset's
+    architecture and scheduler with a weights file, e.g. `cifar10:/ckpt/model-790000.ckpt`), or
+    `hf:org/name[@revision]` (downloaded into, or read offline from, the Hugging Face cache)."""
+    if Path(ref).is_dir():
+        return load_checkpoint(ref, device=device)
+    if hub := _HUB_REF.fullmatch(ref):
+        folder = _download(hub["repo"], hub["revision"])
+        checkpoint = load_checkpoint(folder, device=device)
+        return replace(checkpoint, name=hub["repo"].rsplit("/", 1)[-1], source=ref)
+    if (preset_ref := _PRESET_REF.fullmatch(ref)) and not ref.startswith("hf:"):
+        name, weights = preset_ref["preset"], preset_ref["weights"]
+        if name not in PRESETS:
+            raise CheckpointError(f"{ref}: unknown preset {name!r}; {_forms()}")
+        preset = PRESETS[name]
+        state = read_state_dict(weights)
+        if is_original_format(state):
+            try:
+                state = convert_original_state_dict(state, preset.unet)
+            except CheckpointError as e:
+                raise CheckpointError(f"{weights}: {e}") from None
+        unet = unet_from_state_dict(preset.unet, state, source=weights, device=device)
+        return Checkpoint(unet=unet, scheduler=preset.scheduler, name=name, source=ref)
+    raise CheckpointError(f"{ref}: not a checkpoint folder nor a model reference; {_forms()}")
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    """The repository's snapshot folder with the config files and one weights file (safetensors when the
+    repository has it) of one layout, fetched by huggingface_hub, which honours HF_HUB_OFFLINE, HF_HOME
+    and HF_HUB_CACHE."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(
+            f"hf:{repo_id}: the Hugging Face Hub needs huggingface_hub: pip install 'ddpm-serve[hub]'"
+        ) from None
+
+    def fetch(patterns: list[str]) -> Path:
+        try:
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        except (OSError, ValueError) as e:  # the hub's errors: not found, offline and not cached, bad id
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            ref = f"hf:{repo_id}" + (f"@{revision}" if revision else "")
+            raise CheckpointError(f"{ref}: cannot fetch from the Hugging Face Hub: {reason}") from None
+
+    # The configs first: they tell which layout the weights have (google/ddpm-* hold both).
+    folder = fetch([CONFIG, SCHEDULER_CONFIG, f"unet/{CONFIG}", f"scheduler/{SCHEDULER_CONFIG}"])
+    prefix = "" if (folder / CONFIG).is_file() else "unet/"
+    for name in WEIGHTS:
+        folder = fetch([prefix + name])
+        if (folder / prefix / name).is_file():
+            break
+    return folder

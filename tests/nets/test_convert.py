@@ -1,0 +1,96 @@
+"""Original-format (pesser/pytorch_diffusion) key names to and from diffusers names."""
+
+import pytest
+import torch
+
+from app.nets.checkpoint import load_checkpoint, unet_from_state_dict
+from app.nets.config import SchedulerConfig
+from app.nets.convert import (
+    convert_original_checkpoint,
+    convert_original_state_dict,
+    original_key,
+    to_original_state_dict,
+)
+from app.nets.errors import CheckpointError
+from app.nets.presets import Preset
+
+
+@pytest.fixture
+def unet(random_unet):
+    return random_unet(seed=3)
+
+
+@pytest.fixture
+def original(unet, small_config):
+    return to_original_state_dict(unet.state_dict(), small_config)
+
+
+def test_original_names(original, small_config):
+    # SMALL: 3 levels (28, 14, 7) of 32, 64, 64 channels, attention at 14 and 7, one ResBlock per level.
+    assert original["temb.dense.0.weight"].shape == (128, 32)
+    assert original["temb.dense.1.weight"].shape == (128, 128)
+    assert "down.0.block.0.conv1.weight" in original
+    assert "down.1.block.0.nin_shortcut.weight" in original  # 32 -> 64
+    assert "down.0.block.0.nin_shortcut.weight" not in original  # 32 -> 32
+    assert "down.1.attn.0.q.weight" in original and "down.0.attn.0.q.weight" not in original
+    assert "down.1.downsample.conv.weight" in original and "down.2.downsample.conv.weight" not in original
+    # up.0 is the highest resolution: its last block takes 32 (h) + 32 (conv_in's skip) to 32 channels.
+    assert original["up.0.block.1.nin_shortcut.weight"].shape == (32, 64, 1, 1)
+    assert original["up.2.block.0.conv1.weight"].shape == (64, 128, 3, 3)
+    assert "up.2.attn.1.proj_out.bias" in original and "up.0.attn.0.q.bias" not in original
+    assert "up.1.upsample.conv.weight" in original and "up.0.upsample.conv.weight" not in original
+    assert original["mid.attn_1.q.weight"].shape == (64, 64, 1, 1)
+    assert {
+        "mid.block_1.temb_proj.weight",
+        "mid.block_2.norm2.bias",
+        "mid.attn_1.norm.weight",
+    } <= original.keys()
+    assert {"norm_out.weight", "conv_out.bias", "conv_in.weight"} <= original.keys()
+    assert original_key("up_blocks.0.upsamplers.0.conv.weight", 3) == "up.2.upsample.conv.weight"
+
+
+def test_round_trip_is_exact(unet, original, small_config):
+    back = convert_original_state_dict(original, small_config)
+    state = unet.state_dict()
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_converted_weights_give_identical_outputs(unet, original, small_config):
+    converted = unet_from_state_dict(
+        small_config, convert_original_state_dict(original, small_config), source="-"
+    )
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(8))
+    t = torch.tensor([1, 999])
+    with torch.no_grad():
+        assert torch.equal(converted(x, t), unet(x, t))
+
+
+def test_unknown_missing_and_misshapen_original_keys(original, small_config):
+    unknown = original | {"down.0.block.0.conv_shortcut.weight": torch.zeros(32, 32, 3, 3)}
+    with pytest.raises(CheckpointError, match=r"1 unexpected keys: down\.0\.block\.0\.conv_shortcut\.weight"):
+        convert_original_state_dict(unknown, small_config)
+    missing = {k: v for k, v in original.items() if k != "mid.attn_1.proj_out.bias"}
+    with pytest.raises(CheckpointError, match=r"1 missing keys: mid\.attn_1\.proj_out\.bias"):
+        convert_original_state_dict(missing, small_config)
+    linear_q = original | {"mid.attn_1.q.weight": torch.zeros(64, 64)}
+    with pytest.raises(
+        CheckpointError, match=r"mid\.attn_1\.q\.weight expected \(64, 64, 1, 1\) found \(64, 64\)"
+    ):
+        convert_original_state_dict(linear_q, small_config)
+
+
+def test_convert_original_checkpoint_writes_a_loadable_folder(tmp_path, unet, original, small_config):
+    preset = Preset("tiny", small_config, SchedulerConfig(variance_type="fixed_small"), "-", "test preset")
+    torch.save(original, tmp_path / "model-790000.ckpt")
+    out = convert_original_checkpoint(tmp_path / "model-790000.ckpt", tmp_path / "converted", preset=preset)
+    ckpt = load_checkpoint(out)
+    assert ckpt.scheduler == preset.scheduler and ckpt.unet.config == small_config
+    state = unet.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in ckpt.unet.state_dict().items())
+    with pytest.raises(CheckpointError, match="unknown preset 'nope'; known: cifar10, celebahq"):
+        convert_original_checkpoint(tmp_path / "model-790000.ckpt", tmp_path / "x", preset="nope")
+    with pytest.raises(
+        CheckpointError, match=r"model-790000\.ckpt: the original-format weights do not match"
+    ):
+        convert_original_checkpoint(tmp_path / "model-790000.ckpt", tmp_path / "x", preset="cifar10")
