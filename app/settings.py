@@ -56,7 +56,15 @@ class Settings(BaseSettings):
     max_batch: int = Field(64, ge=1, le=4096, description="most image slots one engine denoises per step")
     max_images: int = Field(64, ge=1, le=4096, description="most images one request may ask for (n)")
     max_steps: int | None = Field(
-        None, ge=1, description="most denoising steps per request; none = T of each model"
+        None,
+        ge=1,
+        description="most denoising steps per request; none = T of each model (likelihood and interpolation "
+        "from seeds take T steps, so a smaller limit refuses them)",
+    )
+    max_preview_events: int = Field(
+        200,
+        ge=1,
+        description="most x̂₀ previews one job keeps for /stream replay; a finer stream_every is coarsened",
     )
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest request body, in bytes")
     max_queued_jobs: int = Field(256, ge=1, description="queued jobs beyond which POSTs get 429")

@@ -8,9 +8,9 @@ n ≤ max_images) are checked by the routes, which answer with the same 422 shap
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, WithJsonSchema, model_validator
 
 MAX_SEED = 2**63 - 1
 Sampler = Literal["ddpm", "ddim"]
@@ -20,9 +20,13 @@ JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 _MODEL = Field(None, description="model name from GET /models; default: the server's default model")
 _SEED = Field(None, ge=0, le=MAX_SEED, description="random seed; random when omitted (the job reports it)")
-_STREAM_EVERY = Field(
-    10, ge=0, le=100_000, description="publish an x̂₀ preview on /stream every k steps (0: none)"
+_PREVIEWS = (
+    "publish an x̂₀ preview on /stream every k steps (0: none); raised when needed so that one job keeps "
+    "at most max_preview_events previews (server setting, default 200): the job's params show the k used"
 )
+_STREAM_EVERY = Field(10, ge=0, le=100_000, description=_PREVIEWS)
+_STREAM_EVERY_OFF = Field(0, ge=0, le=100_000, description=_PREVIEWS)
+_T = "1..T of the model: how far to diffuse before the reverse process (default: T // 2)"
 _OUTPUT = Field("png", description="format of the result image URLs: 8-bit PNG or float32 .npy")
 
 
@@ -72,12 +76,24 @@ class ImagesResult(BaseModel):
     images: list[ImageRef] = Field(description="one entry per image, in order")
     grid_url: str = Field(description="all images tiled into one PNG")
     npy_url: str = Field(description="all images as one float32 .npy of shape (n, C, H, W) in [-1, 1]")
+    rows: int | None = Field(None, description="interpolate: grid rows, one per t")
+    columns: int | None = Field(None, description="interpolate: grid columns, one per λ")
 
 
 class LikelihoodTerms(BaseModel):
     prior: list[float] = Field(description="L_T per image, bits/dim")
     diffusion: list[float] = Field(description="Σ L_{t-1} per image, bits/dim")
     decoder: list[float] = Field(description="L_0 per image (discretized Gaussian decoder), bits/dim")
+
+
+class LikelihoodCurve(BaseModel):
+    t: list[int] = Field(description="timesteps 1..T")
+    rate: list[list[float]] = Field(
+        description="per image, per t: bits/dim spent from x_T down to x_t (L_T + Σ_{s≥t} L_{s-1})"
+    )
+    distortion: list[list[float]] = Field(
+        description="per image, per t: RMSE of x̂₀ predicted from x_t, on the 0–255 scale"
+    )
 
 
 class LikelihoodResult(BaseModel):
@@ -87,6 +103,7 @@ class LikelihoodResult(BaseModel):
 
     bits_per_dim: list[float] = Field(description="the variational bound per image, bits/dim")
     terms: LikelihoodTerms
+    curve: LikelihoodCurve | None = Field(None, description="with curve: true, Fig. 5's curves")
 
 
 class JobError(BaseModel):
@@ -158,23 +175,52 @@ class SampleRequest(Request):
         return self
 
 
-# POST /interpolate, /reconstruct, /likelihood (their routes land later)
+# POST /interpolate, /reconstruct, /likelihood
+
+_T_OR_LIST = {
+    "anyOf": [
+        {"type": "integer", "minimum": 1},
+        {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1},
+        {"type": "null"},
+    ]
+}
+Lambda = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 class ImageSource(Request):
+    """An uploaded image."""
+
     image: str = Field(description="base64 PNG/JPEG/WebP of the model's resolution and channels")
 
 
 class SeedSource(Request):
+    """A fresh sample (all T steps of Algorithm 2) drawn with this seed."""
+
     seed: int = Field(ge=0, le=MAX_SEED, description="use a fresh sample drawn with this seed")
 
 
 class JobImageSource(Request):
+    """An image of a finished job of yours, on the same model (its exact float values)."""
+
     job: str = Field(description="id of a succeeded job of yours")
-    index: int = Field(0, ge=0, description="which of its images")
+    index: int = Field(0, ge=0, description="which of its images (0-based)")
 
 
-Source = ImageSource | SeedSource | JobImageSource
+def _source_kind(value: Any) -> str | None:
+    keys = value if isinstance(value, dict) else vars(value) if isinstance(value, BaseModel) else {}
+    return next((key for key in ("image", "seed", "job") if key in keys), None)
+
+
+Source = Annotated[
+    Annotated[ImageSource, Tag("image")]
+    | Annotated[SeedSource, Tag("seed")]
+    | Annotated[JobImageSource, Tag("job")],
+    Discriminator(
+        _source_kind,
+        custom_error_type="invalid_source",
+        custom_error_message='expected {"image": b64}, {"seed": s} or {"job": id, "index": k}',
+    ),
+]
 
 
 class InterpolateRequest(Request):
@@ -183,22 +229,27 @@ class InterpolateRequest(Request):
     model: str | None = _MODEL
     a: Source
     b: Source
-    t: int | list[int] = Field(500, description="1..T, or several t for coarse-to-fine rows (Fig. 9)")
-    lambdas: list[float] | None = Field(
-        None, min_length=1, max_length=256, description="mixing weights in [0, 1]"
+    # One t or a list; plain ints here so that an out-of-range t gets the route's message naming T.
+    t: Annotated[int | list[int] | None, WithJsonSchema(_T_OR_LIST)] = Field(
+        None, description=f"{_T}; or several t for coarse-to-fine rows (Fig. 9), one grid row each"
     )
-    num: int | None = Field(None, ge=1, le=256, description="instead of lambdas: an even spread over [0, 1]")
-    steps: int | None = Field(None, ge=1, description="reverse steps from t (default: every step t..1)")
+    lambdas: Annotated[list[Lambda], Field(min_length=1, max_length=256)] | None = Field(
+        None, description="mixing weights in [0, 1], one grid column each (give lambdas or num)"
+    )
+    num: int | None = Field(
+        None, ge=2, le=256, description="instead of lambdas: this many weights evenly spread over [0, 1]"
+    )
+    steps: int | None = Field(
+        None, ge=1, description="reverse steps from each t, 1..min(t) (default: every step t..1)"
+    )
     seed: int | None = _SEED
-    stream_every: int = Field(0, ge=0, le=100_000, description="x̂₀ preview every k steps (0: none)")
+    stream_every: int = _STREAM_EVERY_OFF
     output: Output = _OUTPUT
 
     @model_validator(mode="after")
     def _one_spread(self) -> InterpolateRequest:
         if (self.lambdas is None) == (self.num is None):
             raise ValueError("give exactly one of lambdas or num")
-        if self.lambdas is not None and not all(0.0 <= v <= 1.0 for v in self.lambdas):
-            raise ValueError("lambdas must lie in [0, 1]")
         return self
 
 
@@ -207,12 +258,12 @@ class ReconstructRequest(Request):
 
     model: str | None = _MODEL
     image: str | None = Field(None, description="base64 PNG/JPEG/WebP (or give job and index)")
-    job: str | None = Field(None, description="id of a succeeded job of yours")
-    index: int = Field(0, ge=0, description="which image of `job`")
-    t: int = Field(500, ge=1, description="1..T: how far to diffuse before the reverse runs")
+    job: str | None = Field(None, description="id of a succeeded job of yours, on the same model")
+    index: int = Field(0, ge=0, description="which image of `job` (0-based)")
+    t: int | None = Field(None, ge=1, description=_T)
     n: int = Field(4, ge=1, le=4096, description="independent reverse runs, 1..max_images")
     seed: int | None = _SEED
-    stream_every: int = Field(0, ge=0, le=100_000, description="x̂₀ preview every k steps (0: none)")
+    stream_every: int = _STREAM_EVERY_OFF
     output: Output = _OUTPUT
 
     @model_validator(mode="after")
@@ -226,7 +277,9 @@ class LikelihoodRequest(Request):
     """The variational bound in bits/dim (Table 1, Fig. 5 of Ho et al. 2020)."""
 
     model: str | None = _MODEL
-    images: list[str] = Field(min_length=1, max_length=4096, description="base64 PNG/JPEG/WebP images")
+    images: list[str] = Field(
+        min_length=1, max_length=4096, description="base64 PNG/JPEG/WebP images, 1..max_images"
+    )
     seed: int | None = _SEED
     curve: bool = Field(False, description="also return per-t rate (bits) and distortion (RMSE, 0–255)")
 

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from app.api import schemas
-from app.api.errors import ApiError, not_found
+from app.api.errors import ApiError, invalid, not_found
+from app.api.uploads import decode_image
 from app.engine.work import Work
 from app.jobs import EventType, InvalidTransition, JobNotFound, JobRecord, JobStore, Status
 from app.jobs.encoding import GRID, npy_bytes, npy_name, png_name
@@ -83,6 +84,54 @@ class JobService:
     def max_steps(self, entry: ModelEntry) -> int:
         return min(entry.timesteps, self.settings.max_steps or entry.timesteps)
 
+    def preview_every(self, steps: int, stream_every: int) -> int:
+        """The preview stride a job gets: `stream_every`, coarsened so that a job of `steps` engine steps
+        records at most `max_preview_events` previews (each holds base64 PNGs of every image, kept for
+        replay until the job expires). The engine previews every k-th step and the last: ⌈steps / k⌉."""
+        if stream_every <= 0:
+            return 0
+        return max(stream_every, math.ceil(steps / self.settings.max_preview_events))
+
+    async def decode_uploads(self, uploads: dict[str, str], entry: ModelEntry) -> np.ndarray:
+        """Uploaded base64 images, keyed by request field -> (m, C, H, W) float32, decoded off the event
+        loop; 400 (bad data) or 422 (wrong size or channels) naming the field."""
+
+        def decode() -> np.ndarray:
+            return np.stack(
+                [
+                    decode_image(
+                        text,
+                        resolution=entry.ckpt.resolution,
+                        channels=entry.ckpt.channels,
+                        max_bytes=self.settings.max_body_bytes,
+                        max_pixels=self.settings.max_upload_pixels,
+                        field=field,
+                    )
+                    for field, text in uploads.items()
+                ]
+            )
+
+        return await asyncio.to_thread(decode)
+
+    async def job_image(
+        self, job_id: str, index: int, entry: ModelEntry, *, owner: str | None, prefix: str = ""
+    ) -> np.ndarray:
+        """Image `index` of an earlier job of `owner`'s, as its exact float values (C, H, W).
+
+        404 if the job is unknown or not the caller's, 422 if it ran on another model or has no such
+        image, 409 while it has not succeeded. `prefix` locates the source in the request ("a.").
+        """
+        job = await self.get(job_id, owner)
+        if job.model != entry.name:
+            raise invalid(f"{prefix}job", f"job {job.id} ran on model {job.model}, not {entry.name}")
+        self.require_succeeded(job)
+        count = int((job.result or {}).get("image_count", 0))
+        if not 0 <= index < count:
+            have = f"images 0..{count - 1}" if count else "no images"
+            raise invalid(f"{prefix}index", f"job {job.id} has {have}, not image {index}")
+        data = await self.result(job, npy_name(index))
+        return np.load(io.BytesIO(data), allow_pickle=False)[0]
+
     def queued(self) -> int:
         return sum(engine.queued for engine in self.pool.engines.values())
 
@@ -96,9 +145,14 @@ class JobService:
         inputs: dict[str, np.ndarray] | None,
         seed: int | None,
         steps: int,
+        stream_every: int,
         owner: str | None,
     ) -> JobRecord:
-        """Create a queued job and hand it to its model's engine; 429 when the queue is full."""
+        """Create a queued job and hand it to its model's engine; 429 when the queue is full.
+
+        `steps` is the job's engine steps in total (its progress denominator); `stream_every` the
+        requested preview stride, recorded in both params as the stride it gets (`preview_every`).
+        """
         if not self.pool.engines[model].alive:
             raise ApiError(503, "engine_unavailable", f"the {model} engine is not running; see /readyz")
         if self.queued() >= self.settings.max_queued_jobs:
@@ -108,6 +162,8 @@ class JobService:
                 f"{self.settings.max_queued_jobs} jobs are already waiting; retry in a few seconds",
                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
+        every = self.preview_every(steps, stream_every)
+        params, work_params = {**params, "stream_every": every}, {**work_params, "stream_every": every}
         job = JobRecord(
             id=new_job_id(), kind=kind, model=model, params=params, seed=seed, owner=owner, steps=steps
         )
@@ -169,11 +225,16 @@ class JobService:
             else:
                 await self.store.append_event(job_id, EventType.DONE, {"status": str(status)})
 
-    async def result(self, job: JobRecord, name: str) -> bytes:
-        """One stored result blob; 409 while the job has not succeeded, 404 if it has no such blob."""
+    @staticmethod
+    def require_succeeded(job: JobRecord) -> None:
+        """409 unless the job has succeeded (its results exist only then)."""
         if job.status is not Status.SUCCEEDED:
             state = "has not finished" if not job.status.terminal else f"ended as {job.status}"
             raise ApiError(409, "not_ready", f"job {job.id} {state}; results exist once it has succeeded")
+
+    async def result(self, job: JobRecord, name: str) -> bytes:
+        """One stored result blob; 409 while the job has not succeeded, 404 if it has no such blob."""
+        self.require_succeeded(job)
         data = await self.store.get_result(job.id, name)
         if data is None:
             raise not_found(f"result {name} of job {job.id}")

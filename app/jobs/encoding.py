@@ -36,7 +36,12 @@ def preview_pngs(x: torch.Tensor) -> list[str]:
 
 
 def result_blobs(images: torch.Tensor, *, grid_columns: int | None = None) -> dict[str, bytes]:
-    """Every downloadable result of a finished job: `k.png`, `k.npy` ((1, C, H, W) float32) and the grid."""
+    """Every downloadable result of a finished job: `k.png`, `k.npy` ((1, C, H, W) float32) and the grid.
+
+    A job without images (likelihood: the engine hands over an empty tensor) has none.
+    """
+    if images.numel() == 0:
+        return {}
     images = images.detach().to("cpu", torch.float32)
     blobs: dict[str, bytes] = {}
     for k, image in enumerate(to_uint8(images)):
@@ -44,6 +49,5 @@ def result_blobs(images: torch.Tensor, *, grid_columns: int | None = None) -> di
     values = images.numpy()
     for k in range(values.shape[0]):
         blobs[npy_name(k)] = npy_bytes(values[k : k + 1])
-    if values.shape[0]:
-        blobs[GRID] = png_bytes(make_grid(images, ncol=grid_columns))
+    blobs[GRID] = png_bytes(make_grid(images, ncol=grid_columns))
     return blobs

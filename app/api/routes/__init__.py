@@ -1,5 +1,15 @@
 """One router per file; `ROUTERS` is the order they appear in /docs."""
 
-from app.api.routes import health, jobs, metrics, models, sample, stream
+from app.api.routes import health, interpolate, jobs, likelihood, metrics, models, reconstruct, sample, stream
 
-ROUTERS = (sample.router, jobs.router, stream.router, models.router, health.router, metrics.router)
+ROUTERS = (
+    sample.router,
+    interpolate.router,
+    reconstruct.router,
+    likelihood.router,
+    jobs.router,
+    stream.router,
+    models.router,
+    health.router,
+    metrics.router,
+)

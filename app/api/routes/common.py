@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import Response
 
 from app.api import schemas
-from app.api.service import JobService
+from app.api.service import JobService, ModelEntry
 from app.jobs import JobRecord
 
 
@@ -20,6 +20,14 @@ CREATED = {
     200: {"model": schemas.Job, "description": "the job, after it ended (with ?wait=true or Prefer: wait=N)"},
     **errors(400, 401, 404, 413, 422, 429, 503),
 }
+
+# Routes that can take an image of an earlier job: 409 while that job has not succeeded.
+CREATED_FROM_JOB = {**CREATED, **errors(409)}
+
+
+def default_t(entry: ModelEntry) -> int:
+    """The t of interpolation and reconstruction when none is given: halfway, the paper's t = 500 of 1000."""
+    return max(1, entry.timesteps // 2)
 
 
 async def reply(service: JobService, job: JobRecord, wait: float | None, response: Response) -> schemas.Job:

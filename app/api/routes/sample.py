@@ -56,7 +56,6 @@ async def sample(
         "variance": variance,
         "clip_denoised": body.clip_denoised,
         "seed": seed,
-        "stream_every": body.stream_every,
     }
     params = {
         **work_params,
@@ -73,6 +72,7 @@ async def sample(
         inputs=inputs,
         seed=seed,
         steps=steps,
+        stream_every=body.stream_every,
         owner=owner,
     )
     return await reply(service, job, wait, response)
