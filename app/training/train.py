@@ -191,6 +191,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.data_generator.set_state(state["data_generator"])
+        if "torch_rng" in state:  # runs saved before this was recorded resume without it
+            torch.set_rng_state(state["torch_rng"])
         self.order = state["order"]
         self.step = state["step"]
         self.elapsed = state.get("elapsed", 0.0)
@@ -209,6 +211,7 @@ class Trainer:
                 "generator": self.generator.get_state(),
                 "data_generator": self.data_generator.get_state(),
                 "order": self.order,
+                "torch_rng": torch.get_rng_state(),  # dropout draws from the global generator
             },
             self.out / "state.pt",
         )

@@ -1,0 +1,108 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from app.nets import load_checkpoint
+from app.training.train import TrainConfig, Trainer, ema_decay_at, ema_update, lr_at
+
+
+@pytest.fixture
+def digits(tmp_path):
+    """A small .npz dataset of 8×8 greyscale blobs."""
+    rng = np.random.default_rng(0)
+    images = (rng.uniform(0, 1, (40, 8, 8)) > 0.6).astype(np.uint8) * 255
+    path = tmp_path / "data.npz"
+    np.savez(path, images=images)
+    return path
+
+
+def _config(data, out, **kw) -> TrainConfig:
+    base = dict(
+        data=str(data),
+        out=str(out),
+        ch=32,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(4,),
+        dropout=0.1,
+        num_timesteps=50,
+        batch_size=8,
+        lr=1e-3,
+        warmup=2,
+        checkpoint_every=2,
+        preview_every=0,
+        hflip=True,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(digits, tmp_path):
+    straight = Trainer(_config(digits, tmp_path / "a", steps=5))
+    straight.run()
+    Trainer(_config(digits, tmp_path / "b", steps=3)).run()
+    resumed = Trainer(_config(digits, tmp_path / "b", steps=5))
+    assert resumed.step == 3
+    resumed.run()
+    for (name, p), q in zip(
+        straight.ema.state_dict().items(), resumed.ema.state_dict().values(), strict=True
+    ):
+        assert torch.equal(p, q), name
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_run_writes_a_loadable_ema_model_and_previews(digits, tmp_path):
+    out = tmp_path / "run"
+    model = Trainer(_config(digits, out, steps=4, preview_every=4, preview_steps=3)).run()
+    ckpt = load_checkpoint(model)
+    assert ckpt.resolution == 8 and ckpt.channels == 1 and ckpt.scheduler.num_train_timesteps == 50
+    assert json.loads((model / "training.json").read_text())["step"] == 4
+    assert (out / "previews" / "step-0000004.png").exists()
+    x = torch.randn(2, 1, 8, 8)
+    assert ckpt.unet(x, torch.tensor([0, 49])).shape == (2, 1, 8, 8)
+
+
+def test_loss_goes_down_on_a_fixed_batch(digits, tmp_path):
+    trainer = Trainer(
+        _config(
+            digits,
+            tmp_path / "c",
+            steps=60,
+            batch_size=40,
+            lr=2e-3,
+            hflip=False,
+            checkpoint_every=1000,
+            dropout=0.0,
+        )
+    )
+    from app.training.train import training_loss
+
+    def loss() -> float:
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            return float(training_loss(trainer.model, trainer.schedule, trainer.data, g))
+
+    before = loss()
+    trainer.run()
+    assert loss() < 0.7 * before
+
+
+def test_resume_refuses_another_architecture(digits, tmp_path):
+    Trainer(_config(digits, tmp_path / "d", steps=2)).run()
+    with pytest.raises(SystemExit, match="other settings"):
+        Trainer(_config(digits, tmp_path / "d", steps=4, ch=64))
+
+
+def test_schedules_of_lr_and_ema():
+    cfg = TrainConfig(data="x", out="y", lr=1e-3, warmup=10)
+    assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(1000, cfg) == pytest.approx(1e-3)
+    assert ema_decay_at(0, 0.999) == pytest.approx(0.1) and ema_decay_at(10**6, 0.999) == 0.999
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    expected = [0.9 * pa + 0.1 * pb for pa, pb in zip(a.parameters(), b.parameters(), strict=True)]
+    ema_update(a, b, 0.9)
+    for p, e in zip(a.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.detach(), e.detach())
