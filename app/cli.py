@@ -145,3 +145,7 @@ def serve_main(argv: list[str] | None = None) -> None:
 
 def worker_main() -> None:
     print("ddpm-worker: not yet (distributed mode lands with its issue)")
+
+
+if __name__ == "__main__":
+    main()

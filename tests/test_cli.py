@@ -1,0 +1,136 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app.cli import main
+from app.nets import SchedulerConfig, UNet, UNetConfig, load_checkpoint, save_checkpoint
+from app.nets.convert import to_original_state_dict
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = UNetConfig.ddpm(
+        resolution=8,
+        in_channels=1,
+        ch=32,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(4,),
+        dropout=0.0,
+    )
+    folder = tmp_path_factory.mktemp("tiny")
+    save_checkpoint(folder, UNet(cfg), SchedulerConfig(num_train_timesteps=30))
+    return folder
+
+
+def test_sample_writes_a_grid_and_float_values(tiny, tmp_path, capsys):
+    out, npy = tmp_path / "grid.png", tmp_path / "x.npy"
+    main(
+        [
+            "sample",
+            "--model",
+            str(tiny),
+            "--n",
+            "4",
+            "--steps",
+            "5",
+            "--sampler",
+            "ddim",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+            "--npy",
+            str(npy),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert "4 images, seed 3, 5 steps" in capsys.readouterr().out
+    grid = Image.open(out)
+    assert grid.size == (2 * 10 + 2, 2 * 10 + 2) and grid.mode == "L"
+    values = np.load(npy)
+    assert values.shape == (4, 1, 8, 8) and values.dtype == np.float32 and np.abs(values).max() <= 1
+
+
+def test_sample_shows_a_progress_bar_and_clear_errors(tiny, tmp_path):
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "sample",
+            "--model",
+            str(tiny),
+            "--n",
+            "1",
+            "--steps",
+            "3",
+            "--out",
+            str(tmp_path / "g.png"),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "3/3" in run.stderr  # tqdm's bar
+    bad = subprocess.run(
+        [sys.executable, "-m", "app.cli", "sample", "--model", str(tmp_path / "none"), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 1 and "ddpm sample:" in bad.stderr and "not a checkpoint folder" in bad.stderr
+    steps = subprocess.run(
+        [sys.executable, "-m", "app.cli", "sample", "--model", str(tiny), "--steps", "31", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert steps.returncode == 1 and "steps" in steps.stderr
+
+
+def test_convert_original_checkpoint(tmp_path, monkeypatch):
+    from app.nets import presets
+
+    cfg = UNetConfig.ddpm(
+        resolution=8,
+        in_channels=3,
+        ch=32,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(4,),
+        dropout=0.0,
+    )
+    small = presets.Preset(
+        name="small",
+        unet=cfg,
+        scheduler=SchedulerConfig(variance_type="fixed_large"),
+        hub_repo="none/none",
+        description="test",
+    )
+    monkeypatch.setitem(presets.PRESETS, "small", small)
+    unet = UNet(cfg)
+    torch.save(to_original_state_dict(unet.state_dict(), cfg), tmp_path / "model.ckpt")
+    main(
+        [
+            "convert",
+            "--preset",
+            "small",
+            "--weights",
+            str(tmp_path / "model.ckpt"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    loaded = load_checkpoint(tmp_path / "o")
+    x, t = torch.randn(1, 3, 8, 8), torch.tensor([3])
+    torch.testing.assert_close(loaded.unet(x, t), unet(x, t))
