@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
 import socket
@@ -14,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from PIL import Image
 
 from app.api import create_app
 from app.settings import Settings
@@ -147,3 +151,19 @@ def metric(text: str, name: str, **labels: str) -> float:
         if all(found.get(k) == v for k, v in labels.items()):
             return float(match[4])
     return 0.0
+
+
+def png_b64(seed: int, *, size: int = 8, mode: str = "L") -> str:
+    """A random 8-bit image as base64 PNG (grayscale `L` or `RGB`)."""
+    shape = (size, size) if mode == "L" else (size, size, len(mode))
+    pixels = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def fetch_npy(client: httpx.Client, job: dict[str, Any]) -> np.ndarray:
+    """All images of a finished job, (n, C, H, W) float32."""
+    response = client.get(f"/jobs/{job['id']}/images.npy")
+    assert response.status_code == 200, response.text
+    return np.load(io.BytesIO(response.content), allow_pickle=False)

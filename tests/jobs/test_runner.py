@@ -168,3 +168,41 @@ async def test_many_jobs_interleaved_keep_their_own_order():
         assert events[-1].type is EventType.DONE
     await asyncio.to_thread(runner.close)
     await runner.drain()
+
+
+async def test_an_interpolation_grid_has_a_row_per_t_and_a_column_per_lambda():
+    store = MemoryJobStore(ttl_seconds=60)
+    runner = JobRunner(store, asyncio.get_running_loop())
+    params = {
+        "t": [3, 6],
+        "lambdas": [0.0, 0.25, 0.5, 0.75, 1.0],
+        "steps": None,
+        "seed": 1,
+        "stream_every": 0,
+    }
+    await store.create(JobRecord(id="i1", kind="interpolate", model="tiny", params=params))
+    runner.watch(Work(job_id="i1", kind="interpolate", model="tiny", params=params))
+    extra = {"rows": 2, "columns": 5}
+    await on_engine_thread(
+        lambda: (runner.on_started("i1", 6), runner.on_finished("i1", frames(10, 0.0), extra))
+    )
+    await finish(store, runner, "i1")
+    # 8×8 images with a 2-pixel border: 5 columns, 2 rows (near-square would be 4 × 3).
+    assert Image.open(io.BytesIO(await store.get_result("i1", "grid.png"))).size == (5 * 10 + 2, 2 * 10 + 2)
+    assert (await store.get("i1", owner=None)).result == {**extra, "image_count": 10}
+
+
+async def test_a_likelihood_result_is_its_numbers_without_images():
+    store = MemoryJobStore(ttl_seconds=60)
+    runner = JobRunner(store, asyncio.get_running_loop())
+    await store.create(JobRecord(id="l1", kind="likelihood", model="tiny", params={}))
+    runner.watch(Work(job_id="l1", kind="likelihood", model="tiny", params={"seed": 1, "curve": False}))
+    extra = {"bits_per_dim": [3.5], "terms": {"prior": [0.5], "diffusion": [2.0], "decoder": [1.0]}}
+    await on_engine_thread(
+        lambda: (runner.on_started("l1", 10), runner.on_finished("l1", torch.empty(0), extra))
+    )
+    events = await finish(store, runner, "l1")
+    job = await store.get("l1", owner=None)
+    assert job.status is Status.SUCCEEDED and events[-1].type is EventType.DONE
+    assert job.result == {**extra, "image_count": 0}
+    assert await store.get_result("l1", "grid.png") is None and await store.get_result("l1", "0.npy") is None
