@@ -1,0 +1,165 @@
+"""`ddpm train-classifier` and `ddpm eval`: the quality table of the model card (IS, FID, classes).
+
+`add_parsers(sub)` registers both subcommands on the `ddpm` subparsers; each sets `func`.
+`python -m app.evaluation.cli …` runs them on their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = REPO / "models" / "mnist"
+DEFAULT_CLASSIFIER = REPO / "models" / "mnist-classifier"
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "mnist"
+TABLE_HEADER = (
+    "| samples | n | IS ↑ | FID ↓ | classes present | mean confidence | command |\n"
+    "|---|---|---|---|---|---|---|"
+)
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train-classifier", help="train the MNIST classifier that IS/FID are measured with")
+    t.add_argument(
+        "--data", required=True, help="labelled MNIST IDX folder: first 8,000 train, last 2,000 held out"
+    )
+    t.add_argument("--out", required=True, help="output folder, e.g. models/mnist-classifier")
+    t.add_argument("--epochs", type=int, default=8)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default=_device())
+    t.set_defaults(func=_train_classifier)
+
+    e = sub.add_parser("eval", help="IS, FID, class counts and confidence of samples (or of real digits)")
+    e.add_argument("--model", default=str(DEFAULT_MODEL), help="a DDPM: folder, PRESET:WEIGHTS or hf:REPO")
+    e.add_argument("--real", action="store_true", help="score the real digits instead: IS and the FID floor")
+    e.add_argument("--n", type=int, default=1000, help="number of samples")
+    e.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    e.add_argument("--steps", type=int, default=None, help="reverse steps (default: T)")
+    e.add_argument(
+        "--variance",
+        choices=("beta", "posterior"),
+        default=None,
+        help="DDPM σ²: β_t or β̃_t (default: the checkpoint's)",
+    )
+    e.add_argument("--eta", type=float, default=0.0, help="DDIM η")
+    e.add_argument("--seed", type=int, default=0, help="batch b is sampled with seed image_seed(seed, b)")
+    e.add_argument("--batch-size", type=int, default=250)
+    e.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER))
+    e.add_argument("--data", default=str(DEFAULT_DATA), help="real digits: the FID reference")
+    e.add_argument("--device", default=_device())
+    e.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    e.set_defaults(func=_eval)
+
+
+def _train_classifier(args: argparse.Namespace) -> None:
+    from app.evaluation.train_classifier import ClassifierTraining, train_classifier
+
+    words = ["ddpm", "train-classifier", "--data", args.data, "--out", args.out]
+    words += ["--epochs", str(args.epochs), "--seed", str(args.seed), "--device", args.device]
+    command = shlex.join(words)
+    cfg = ClassifierTraining(
+        data=args.data, out=args.out, epochs=args.epochs, seed=args.seed, device=args.device
+    )
+    _, record = train_classifier(cfg, command=command)
+    print(
+        f"{args.out}: held-out accuracy {record['heldout_accuracy']:.2%} "
+        f"({record['split']['heldout']}), {record['wall_time_s']} s"
+    )
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from app.evaluation.classifier import load_classifier
+    from app.evaluation.metrics import evaluate, evaluate_real
+    from app.training.data import load_images
+
+    classifier = load_classifier(args.classifier, device=args.device)
+    real = load_images(args.data)
+    if args.real:
+        report = evaluate_real(real, classifier, subset=args.n, batch_size=args.batch_size)
+        label = f"real digits ({report['fid_halves'][0]:,} vs {report['fid_halves'][1]:,} for FID)"
+        command = shlex.join(["ddpm", "eval", "--real", "--n", str(args.n), "--data", args.data])
+    else:
+        from app.evaluation.classifier import classify
+        from app.evaluation.metrics import gaussian_stats
+
+        images, label, command = _sample(args)
+        reference = gaussian_stats(classify(classifier, real, batch_size=args.batch_size)[0])
+        report = evaluate(images, classifier, reference, batch_size=args.batch_size)
+    report["command"] = command
+    counts = report["class_counts"]
+    print(f"IS {report['is']:.3f}  FID {report['fid']:.3f}  mean confidence {report['mean_confidence']:.4f}")
+    if "fid_subset" in report:
+        print(
+            f"FID floor for {report['subset']:,} samples: {report['fid_subset']:.3f} "
+            f"({report['subset']:,} odd vs {report['fid_halves'][1]:,} even digits)"
+        )
+    print("class counts " + "  ".join(f"{k}:{c}" for k, c in enumerate(counts)))
+    print(TABLE_HEADER)
+    present = sum(c > 0 for c in counts)
+    print(
+        f"| {label} | {report['n']:,} | {report['is']:.2f} | {report['fid']:.2f} | {present}/{len(counts)} "
+        f"| {report['mean_confidence']:.3f} | `{command}` |"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _sample(args: argparse.Namespace) -> tuple[torch.Tensor, str, str]:
+    """`args.n` samples in batches of `args.batch_size`, with the table label and command that made them."""
+    from app.nets import resolve_model
+    from app.rng import image_seed
+    from app.sampling import default_variance, generate
+
+    ckpt = resolve_model(args.model, device=args.device)
+    if ckpt.channels != 1:
+        raise ValueError(f"{args.model}: makes {ckpt.channels}-channel images; the classifier needs 1")
+    steps = args.steps or ckpt.scheduler.num_train_timesteps
+    sizes = [min(args.batch_size, args.n - i) for i in range(0, args.n, args.batch_size)]
+    images = []
+    bar = tqdm(total=len(sizes) * steps, desc=f"{args.sampler} ×{args.n}", unit="step", dynamic_ncols=True)
+    with bar:
+        for b, size in enumerate(sizes):
+            bar.set_postfix(batch=f"{b + 1}/{len(sizes)}")
+            result = generate(
+                ckpt,
+                n=size,
+                steps=steps,
+                sampler=args.sampler,
+                eta=args.eta,
+                variance=args.variance,
+                seed=image_seed(args.seed, b),
+                callback=lambda *_: bar.update(1),
+            )
+            images.append(result.images)
+    words = ["ddpm", "eval", "--model", args.model, "--n", str(args.n)]
+    words += ["--sampler", args.sampler, "--steps", str(steps)]
+    if args.sampler == "ddpm":
+        variance = str(args.variance or default_variance(ckpt))
+        label = f"{steps}-step ancestral, σ²={'β' if variance == 'beta' else 'β̃'}"
+        words += ["--variance", variance]
+    else:
+        label = f"DDIM {steps} steps, η={args.eta:g}"
+        words += ["--eta", f"{args.eta:g}"]
+    words += ["--seed", str(args.seed), "--batch-size", str(args.batch_size)]
+    return torch.cat(images), label, shlex.join(words)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ddpm", description="Sample quality: IS and FID for digits.")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
