@@ -1,15 +1,20 @@
-"""Command-line entry points: `ddpm` (sample / train / convert), `ddpm-serve`, `ddpm-worker`."""
+"""Command-line entry points: `ddpm` (sample / train / convert / remote), `ddpm-serve`, `ddpm-worker`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from app.client import Client, Job, Model
 
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "mnist"
 
@@ -60,6 +65,123 @@ def _convert(args: argparse.Namespace) -> None:
 
     convert_original_checkpoint(args.weights, args.out, preset=args.preset)
     print(f"{args.out}: converted {args.weights} ({args.preset})")
+
+
+def _follow(ddpm: Client, job: Job, desc: str) -> Job:
+    """Follow a remote job's stream with a progress bar; the final job. Ctrl-C cancels the job."""
+    from app.client import DDPMError, Job
+
+    try:
+        with tqdm(total=job.steps or None, desc=desc, unit="step", dynamic_ncols=True) as bar:
+            for event in ddpm.stream(job):
+                if isinstance(event, Job):
+                    job = event
+                    bar.update(job.step - bar.n)
+                else:
+                    bar.total = event.steps
+                    bar.update(event.step - bar.n)
+    except KeyboardInterrupt:
+        ddpm.cancel(job)
+        raise
+    if job.status != "succeeded":
+        error = job.error or {"code": job.status, "message": f"the job was {job.status}"}
+        raise DDPMError(0, error["code"], f"job {job.id}: {error['message']}")
+    return job
+
+
+def _previews(steps: int) -> int:
+    # About 50 previews whatever the length: enough for a smooth bar, little to transfer.
+    return max(1, steps // 50)
+
+
+def _model(ddpm: Client, name: str | None) -> Model | None:
+    """The named (or default) model of the server; None if it has no such model (the job will say so)."""
+    models = ddpm.models()
+    return next((m for m in models if m.name == name or (name is None and m.default)), None)
+
+
+def _remote_sample(args: argparse.Namespace) -> None:
+    with _client(args.url) as ddpm:
+        model = _model(ddpm, args.model)
+        steps = args.steps or (model.timesteps if model else 1000)
+        options = {"steps": args.steps, "sampler": args.sampler, "seed": args.seed, "model": args.model}
+        if args.sampler == "ddim":
+            options["eta"] = args.eta
+        options = {k: v for k, v in options.items() if v is not None}
+        job = ddpm.sample(args.n, stream_every=_previews(steps), **options)
+        job = _follow(ddpm, job, f"{args.sampler} ×{args.n}")
+        ddpm.grid(job).save(args.out)
+        if args.npy:
+            np.save(args.npy, ddpm.images(job))
+    print(f"{args.out}: {args.n} images, seed {job.seed}, {job.steps} steps, job {job.id}")
+
+
+def _interpolation_end(path: str | None, seed: int | None, flag: str) -> Path | int:
+    if path is None:
+        return seed
+    if not Path(path).is_file():
+        raise ValueError(f"{flag}: no such file {path}")
+    return Path(path)
+
+
+def _client(url: str) -> Client:
+    from app.client import Client
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a log line per request
+    return Client(url)
+
+
+def _remote_interpolate(args: argparse.Namespace) -> None:
+    a = _interpolation_end(args.a, args.a_seed, "--a")
+    b = _interpolation_end(args.b, args.b_seed, "--b")
+    t = list(args.t) if args.t and len(args.t) > 1 else args.t[0] if args.t else None
+    with _client(args.url) as ddpm:
+        model = _model(ddpm, args.model)
+        timesteps = model.timesteps if model else 1000
+        # The job's steps: seed ends are sampled first (all T steps), then the decoding from t.
+        seeded = isinstance(a, int) or isinstance(b, int)
+        steps = (timesteps if seeded else 0) + (args.steps or max(args.t or [timesteps // 2]))
+        options = {"model": args.model, "steps": args.steps, "seed": args.seed, "t": t}
+        options = {k: v for k, v in options.items() if v is not None}
+        job = ddpm.interpolate(a, b, num=args.num, stream_every=_previews(steps), **options)
+        job = _follow(ddpm, job, f"interpolate ×{args.num}")
+        ddpm.grid(job).save(args.out)
+    print(f"{args.out}: {job.result['rows']} × {job.result['columns']} images (t × λ), job {job.id}")
+
+
+def _add_remote(sub) -> None:
+    r = sub.add_parser("remote", help="use a running ddpm-serve over HTTP (API key: $DDPM_API_KEY)")
+    remote = r.add_subparsers(dest="remote_command", required=True)
+    url = {
+        "default": os.environ.get("DDPM_URL", "http://127.0.0.1:8000"),
+        "help": "server URL (default: $DDPM_URL or http://127.0.0.1:8000)",
+    }
+
+    s = remote.add_parser("sample", help="sample on the server, with a progress bar, to a PNG grid")
+    s.add_argument("--url", **url)
+    s.add_argument("--model", default=None, help="model name (default: the server's default)")
+    s.add_argument("--n", type=int, default=16)
+    s.add_argument("--steps", type=int, default=None, help="reverse steps (default: T)")
+    s.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM η")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--out", default="samples.png")
+    s.add_argument("--npy", default=None, help="also save float32 (n, C, H, W) values in [-1, 1]")
+    s.set_defaults(func=_remote_sample)
+
+    i = remote.add_parser("interpolate", help="interpolate between two images or seeds at t (Fig. 8)")
+    i.add_argument("--url", **url)
+    i.add_argument("--model", default=None, help="model name (default: the server's default)")
+    for side in ("a", "b"):
+        end = i.add_mutually_exclusive_group(required=True)
+        end.add_argument(f"--{side}", help=f"end {side}: an image file of the model's size and channels")
+        end.add_argument(f"--{side}-seed", type=int, help=f"end {side}: a fresh sample drawn with this seed")
+    i.add_argument("--t", type=_tuple, default=None, help="t, or several (100,500,900): one row each")
+    i.add_argument("--num", type=int, default=8, help="number of λ, evenly spread over [0, 1]")
+    i.add_argument("--steps", type=int, default=None, help="reverse steps from t (default: all)")
+    i.add_argument("--seed", type=int, default=None)
+    i.add_argument("--out", default="interpolation.png")
+    i.set_defaults(func=_remote_interpolate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights", required=True, help="the original .ckpt/.pth/.safetensors")
     c.add_argument("--out", required=True)
     c.set_defaults(func=_convert)
+    _add_remote(sub)
     return p
 
 
@@ -127,13 +250,15 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from app.client import DDPMError
     from app.nets import CheckpointError
     from app.training.data import DataError
 
     try:
         args.func(args)
-    except (CheckpointError, DataError, ValueError) as e:
-        sys.exit(f"ddpm {args.command}: {e}")
+    except (CheckpointError, DataError, DDPMError, ValueError) as e:
+        command = " ".join(filter(None, (args.command, getattr(args, "remote_command", None))))
+        sys.exit(f"ddpm {command}: {e}")
 
 
 def serve_main(argv: list[str] | None = None) -> None:

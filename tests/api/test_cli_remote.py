@@ -1,0 +1,97 @@
+"""`ddpm remote sample|interpolate` against a real server: files written, progress shown, errors clear."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.cli import main
+from tests.api.conftest import live_server, png_b64, server_settings
+
+pytestmark = pytest.mark.service
+
+
+@pytest.fixture(scope="module")
+def url(model_dirs):
+    with live_server(server_settings(model_dirs, max_batch=8, max_images=9)) as server:
+        yield server.url
+
+
+def remote(url: str, command: str, *args: str) -> None:
+    """`ddpm remote COMMAND --url URL --model tiny2 ARGS…` in-process."""
+    main(["remote", command, "--url", url, "--model", "tiny2", *args])
+
+
+def test_remote_sample_writes_a_grid_and_floats_with_a_progress_bar(url, tmp_path, capsys):
+    out, npy = tmp_path / "grid.png", tmp_path / "x.npy"
+    remote(url, "sample", "--n", "4", "--steps", "6", "--seed", "1", "--out", str(out), "--npy", str(npy))
+    captured = capsys.readouterr()
+    assert Image.open(out).size == (2 * 10 + 2, 2 * 10 + 2)  # 4 images of 8×8 in a 2 × 2 grid
+    assert np.load(npy).shape == (4, 1, 8, 8)
+    assert f"{out}: 4 images, seed 1, 6 steps" in captured.out
+    assert "6/6" in captured.err  # the tqdm bar, fed by the stream, reached the end
+
+
+def test_remote_ddim_forwards_the_sampler_and_seed(url, tmp_path):
+    def grid(name: str, seed: str) -> np.ndarray:
+        out = tmp_path / f"{name}.png"
+        remote(
+            url, "sample", "--n", "2", "--steps", "5", "--sampler", "ddim", "--seed", seed, "--out", str(out)
+        )
+        return np.asarray(Image.open(out))
+
+    first, again, other = grid("a", "9"), grid("b", "9"), grid("c", "10")
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+
+
+def test_remote_interpolate_from_a_seed_and_a_file_writes_one_row(url, tmp_path, capsys):
+    a = tmp_path / "a.png"
+    a.write_bytes(base64.b64decode(png_b64(3)))
+    out = tmp_path / "row.png"
+    remote(url, "interpolate", "--a", str(a), "--b-seed", "2", "--t", "10", "--num", "5", "--out", str(out))
+    assert Image.open(out).size == (5 * 10 + 2, 10 + 2)  # one row (one t) of five λ
+    assert "1 × 5 images" in capsys.readouterr().out
+
+
+def test_remote_interpolate_with_several_t_writes_one_row_per_t(url, tmp_path):
+    out = tmp_path / "rows.png"
+    remote(
+        url,
+        "interpolate",
+        "--a-seed",
+        "1",
+        "--b-seed",
+        "2",
+        "--t",
+        "5,10,20",
+        "--num",
+        "3",
+        "--out",
+        str(out),
+    )
+    assert Image.open(out).size == (3 * 10 + 2, 3 * 10 + 2)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["sample", "--n", "10"], "ddpm remote sample: n: at most 9 images per request"),
+        (["sample", "--model", "nope"], "no model 'nope'; loaded: tiny, tiny2 (HTTP 404 unknown_model)"),
+        (["interpolate", "--a-seed", "1", "--b-seed", "2", "--t", "5000"], "every t must be 1..1000"),
+        (["interpolate", "--a", "missing.png", "--b-seed", "2"], "--a: no such file missing.png"),
+    ],
+)
+def test_remote_errors_exit_with_the_apis_message(url, tmp_path, args, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(["remote", args[0], "--url", url, *args[1:], "--out", str(tmp_path / "x.png")])
+    assert message in str(exit_.value.code)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_an_unreachable_server_exits_with_a_clear_message(tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main(["remote", "sample", "--url", "http://127.0.0.1:9", "--out", str(tmp_path / "x.png")])
+    assert "cannot reach http://127.0.0.1:9" in str(exit_.value.code)

@@ -1,0 +1,165 @@
+"""app.client against a real server: jobs, streams with decoded previews, downloads, errors, retries."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.api import service
+from app.client import AsyncClient, Client, DDPMError, Job, Progress
+from tests.api.conftest import live_server, server_settings, wait_for
+
+pytestmark = pytest.mark.service
+
+KEY = "k" * 8 + "-client-tests"
+LONG = {"n": 1, "steps": 1000, "stream_every": 0}  # ~10 s on a CPU core: stays running while we look
+
+
+@pytest.fixture(scope="module")
+def live(model_dirs):
+    with live_server(server_settings(model_dirs, max_batch=4, max_images=4)) as server:
+        yield server
+
+
+@pytest.fixture
+def ddpm(live):
+    with Client(live.url, retries=0) as client:
+        yield client
+
+
+def test_stream_yields_decoded_previews_then_the_final_job(ddpm):
+    job = ddpm.sample(2, steps=8, stream_every=1, seed=3, model="tiny2")
+    assert isinstance(job, Job) and job.seed == 3 and job.kind == "sample" and job.steps == 8
+    events = list(ddpm.stream(job))
+    progress, final = events[:-1], events[-1]
+    assert len(progress) >= 3 and all(isinstance(e, Progress) for e in progress)
+    assert [e.step for e in progress] == sorted(e.step for e in progress) and progress[-1].step == 8
+    assert all(len(e.x0) == 2 and e.x0[0].size == (8, 8) for e in progress)
+    previews = [e.x0_array() for e in progress]
+    assert previews[0].shape == (2, 1, 8, 8) and previews[0].dtype == np.float32
+    assert previews[0].min() >= -1 and previews[0].max() <= 1
+    assert len({p.tobytes() for p in previews}) >= 3  # x̂₀ changes as the chain runs
+    assert isinstance(final, Job) and final.status == "succeeded" and final.done and final.image_count == 2
+
+
+def test_images_download_as_floats_pil_images_and_a_grid(ddpm):
+    job = ddpm.sample(3, steps=4, seed=5, model="tiny2", wait=True)
+    assert job.status == "succeeded" and job.step == job.steps == 4
+    floats = ddpm.images(job)
+    assert floats.shape == (3, 1, 8, 8) and floats.dtype == np.float32
+    pngs = ddpm.pil_images(job.id)  # by id: the client fetches the job to count its images
+    assert len(pngs) == 3 and all(isinstance(p, Image.Image) and p.size == (8, 8) for p in pngs)
+    # The PNGs are the 8-bit rounding of the floats (API.md's mapping).
+    assert np.abs(np.asarray(pngs[1], dtype=np.float32) / 127.5 - 1 - floats[1, 0]).max() <= 1 / 127.5 + 1e-6
+    grid = ddpm.grid(job)
+    assert grid.size == (2 * 10 + 2, 2 * 10 + 2)  # 3 images tile 2 × 2 with 2-pixel gaps
+
+
+def test_job_and_cancel_follow_a_running_job(ddpm):
+    job = ddpm.sample(**LONG)
+    running = wait_for(ddpm._http, job.id, lambda j: j["status"] == "running")
+    assert ddpm.job(job).status == running["status"] == "running"
+    cancelled = ddpm.cancel(job)
+    assert cancelled.status == "cancelled" and cancelled.finished_at is not None
+    assert ddpm.job(job.id).status == "cancelled"
+    assert list(ddpm.stream(job))[-1].status == "cancelled"
+
+
+def test_interpolate_reconstruct_and_likelihood_return_typed_results(ddpm):
+    sample = ddpm.sample(2, steps=3, seed=1, model="tiny2", wait=True)
+    row = ddpm.interpolate((sample, 0), (sample, 1), model="tiny2", t=10, num=4, wait=True)
+    assert row.status == "succeeded" and row.image_count == 4
+    assert (row.result["rows"], row.result["columns"]) == (1, 4)
+    seeded = ddpm.interpolate(7, ddpm.images(sample)[1], model="tiny2", t=5, num=2, wait=True)
+    assert seeded.status == "succeeded" and seeded.params["a"] == {"seed": 7}
+    assert seeded.params["b"] == {"image": True}
+    again = ddpm.reconstruct(ddpm.pil_images(sample)[0], model="tiny2", t=5, n=2, seed=2, wait=True)
+    assert again.status == "succeeded" and ddpm.images(again).shape == (2, 1, 8, 8)
+    bound = ddpm.likelihood(ddpm.pil_images(sample), model="tiny2", wait=True).likelihood
+    assert bound is not None and len(bound.bits_per_dim) == 2
+    total = np.add(np.add(bound.prior, bound.diffusion), bound.decoder)
+    assert np.allclose(total, bound.bits_per_dim, rtol=1e-4) and min(bound.bits_per_dim) > 0
+
+
+def test_the_async_client_does_the_same(live):
+    async def run() -> tuple[list, np.ndarray, Job]:
+        async with AsyncClient(live.url) as ddpm:
+            job = await ddpm.sample(2, steps=5, stream_every=1, seed=3, model="tiny2")
+            events = [event async for event in ddpm.stream(job)]
+            images = await ddpm.images(job)
+            return events, images, await ddpm.job(job.id)
+
+    events, images, job = asyncio.run(run())
+    assert sum(isinstance(e, Progress) for e in events) == 5 and events[-1].status == "succeeded"
+    assert images.shape == (2, 1, 8, 8) and job.status == "succeeded"
+    with Client(live.url) as ddpm:  # the same request, the same images, whichever client
+        same = ddpm.sample(2, steps=5, seed=3, model="tiny2", wait=True)
+        assert np.array_equal(ddpm.images(same), images)
+
+
+@pytest.mark.parametrize(
+    ("call", "status", "code", "fragment"),
+    [
+        (lambda c: c.job("no-such-job"), 404, "not_found", "not found"),
+        (lambda c: c.sample(0), 422, "validation_error", "n:"),
+        (lambda c: c.sample(9), 422, "validation_error", "at most 4 images"),
+        (lambda c: c.sample(1, model="nope"), 404, "unknown_model", "no model 'nope'"),
+        (lambda c: c.sample(1, sampler="ddpm", eta=0.5), 422, "validation_error", "eta"),
+        (lambda c: c.images("no-such-job"), 404, "not_found", "not found"),
+    ],
+)
+def test_api_errors_are_raised_with_the_apis_code_and_message(ddpm, call, status, code, fragment):
+    with pytest.raises(DDPMError) as caught:
+        call(ddpm)
+    error = caught.value
+    assert (error.status, error.code) == (status, code) and fragment in error.message
+    assert fragment in str(error) and str(status) in str(error)
+
+
+def test_an_unreachable_server_is_a_clear_error():
+    with Client("http://127.0.0.1:9", retries=3) as ddpm, pytest.raises(DDPMError) as caught:
+        ddpm.models()
+    assert caught.value.status == 0 and "cannot reach http://127.0.0.1:9" in str(caught.value)
+
+
+def test_a_full_queue_is_retried_after_retry_after_then_given_up_or_admitted(model_dirs, monkeypatch):
+    monkeypatch.setattr(service, "RETRY_AFTER_SECONDS", 1)
+    settings = server_settings(model_dirs[:1], max_batch=1, max_queued_jobs=1)
+    with live_server(settings) as live, Client(live.url, retries=1) as ddpm:
+        running = ddpm.sample(**LONG)
+        wait_for(ddpm._http, running.id, lambda job: job["status"] == "running")
+        queued = ddpm.sample(**LONG)
+
+        start = time.monotonic()
+        with pytest.raises(DDPMError) as caught:  # one retry, after the 1 s the server asked for
+            ddpm.sample(1, steps=1)
+        assert time.monotonic() - start >= 0.95
+        assert (caught.value.status, caught.value.code, caught.value.attempts) == (429, "queue_full", 2)
+        assert "already waiting" in str(caught.value) and "after 2 attempts" in str(caught.value)
+
+        # Room appears while the client waits: its retry is admitted.
+        threading.Timer(0.5, ddpm.cancel, args=(queued,)).start()
+        with Client(live.url, retries=5) as patient:
+            admitted = patient.sample(1, steps=1)
+        assert admitted.status in ("queued", "running")
+        for job in (admitted, running):
+            ddpm.cancel(job)
+
+
+def test_the_api_key_comes_from_the_environment(model_dirs, monkeypatch):
+    monkeypatch.delenv("DDPM_API_KEY", raising=False)
+    with live_server(server_settings(model_dirs[:1], api_keys=[KEY])) as live:
+        with Client(live.url) as anonymous, pytest.raises(DDPMError) as caught:
+            anonymous.models()
+        assert (caught.value.status, caught.value.code) == (401, "unauthorized")
+        assert "missing API key" in caught.value.message
+        monkeypatch.setenv("DDPM_API_KEY", KEY)
+        with Client(live.url) as keyed:
+            assert [m.name for m in keyed.models()] == ["tiny"]
+            job = keyed.sample(1, steps=2, stream_every=1)
+            assert list(keyed.stream(job))[-1].status == "succeeded"  # the stream sends the key too
