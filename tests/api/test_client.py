@@ -60,9 +60,10 @@ def test_images_download_as_floats_pil_images_and_a_grid(ddpm):
     assert grid.size == (2 * 10 + 2, 2 * 10 + 2)  # 3 images tile 2 × 2 with 2-pixel gaps
 
 
-def test_job_and_cancel_follow_a_running_job(ddpm):
+def test_job_and_cancel_follow_a_running_job(live, ddpm):
     job = ddpm.sample(**LONG)
-    running = wait_for(ddpm._http, job.id, lambda j: j["status"] == "running")
+    with live.client() as http:
+        running = wait_for(http, job.id, lambda j: j["status"] == "running")
     assert ddpm.job(job).status == running["status"] == "running"
     cancelled = ddpm.cancel(job)
     assert cancelled.status == "cancelled" and cancelled.finished_at is not None
@@ -130,9 +131,9 @@ def test_an_unreachable_server_is_a_clear_error():
 def test_a_full_queue_is_retried_after_retry_after_then_given_up_or_admitted(model_dirs, monkeypatch):
     monkeypatch.setattr(service, "RETRY_AFTER_SECONDS", 1)
     settings = server_settings(model_dirs[:1], max_batch=1, max_queued_jobs=1)
-    with live_server(settings) as live, Client(live.url, retries=1) as ddpm:
+    with live_server(settings) as live, live.client() as http, Client(live.url, retries=1) as ddpm:
         running = ddpm.sample(**LONG)
-        wait_for(ddpm._http, running.id, lambda job: job["status"] == "running")
+        wait_for(http, running.id, lambda job: job["status"] == "running")
         queued = ddpm.sample(**LONG)
 
         start = time.monotonic()
