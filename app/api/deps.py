@@ -92,8 +92,9 @@ def _prefer_wait(prefer: str | None) -> float | None:
     """Seconds from an RFC 7240 `Prefer: wait=N` header (other preferences and bad values are ignored)."""
     for preference in (prefer or "").split(","):
         name, _, value = preference.split(";", 1)[0].partition("=")
-        if name.strip().lower() == "wait" and value.strip().isdigit():
-            return float(value.strip())
+        seconds = value.strip()
+        if name.strip().lower() == "wait" and seconds.isascii() and seconds.isdigit():  # not "²"
+            return float(seconds)
     return None
 
 

@@ -36,6 +36,17 @@ class Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
 
+def exactly_one(first: str, first_type: str, second: str, second_type: str) -> dict[str, Any]:
+    """JSON Schema for "exactly one of two optional fields" (null counts as absent), so that
+    /openapi.json states the rule the model validator enforces."""
+    return {
+        "oneOf": [
+            {"required": [first], "properties": {first: {"type": first_type}, second: {"type": "null"}}},
+            {"required": [second], "properties": {second: {"type": second_type}, first: {"type": "null"}}},
+        ]
+    }
+
+
 # Errors
 
 
@@ -226,6 +237,8 @@ Source = Annotated[
 class InterpolateRequest(Request):
     """Interpolation in latent space at a chosen t (§4.3, Fig. 8–9 of Ho et al. 2020)."""
 
+    model_config = ConfigDict(json_schema_extra=exactly_one("lambdas", "array", "num", "integer"))
+
     model: str | None = _MODEL
     a: Source
     b: Source
@@ -255,6 +268,8 @@ class InterpolateRequest(Request):
 
 class ReconstructRequest(Request):
     """Stochastic reconstructions sharing one x_t (Fig. 7 of Ho et al. 2020)."""
+
+    model_config = ConfigDict(json_schema_extra=exactly_one("image", "string", "job", "string"))
 
     model: str | None = _MODEL
     image: str | None = Field(None, description="base64 PNG/JPEG/WebP (or give job and index)")

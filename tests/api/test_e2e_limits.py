@@ -67,6 +67,11 @@ def test_a_job_is_visible_only_to_the_key_that_made_it(secured):
         assert bob.get(f"/stream/{job['id']}").status_code == 404
         assert bob.delete(f"/jobs/{job['id']}").status_code == 404
         assert bob.get("/models").status_code == 200
+        # Nor can another key use its images as a source.
+        assert bob.post("/reconstruct", json={"job": job["id"], "t": 3, "n": 1}).status_code == 404
+        ends = {"a": {"job": job["id"]}, "b": {"seed": 1}, "num": 2, "t": 3}
+        assert bob.post("/interpolate", json=ends).status_code == 404
+        assert alice.post("/reconstruct", json={"job": job["id"], "t": 3, "n": 1}).status_code == 202
 
 
 def test_jobs_expire_and_an_engine_that_stopped_makes_readyz_503(model_dirs):

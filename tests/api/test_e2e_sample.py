@@ -81,6 +81,11 @@ def test_wait_true_answers_200_with_the_finished_job(client):
     assert response.json()["status"] == "succeeded" and response.json()["result"]["images"]
 
 
+def test_a_prefer_wait_that_is_not_ascii_digits_is_ignored(client):
+    response = client.post("/sample", headers={"Prefer": "wait=\u00b2".encode("latin-1")}, json={"steps": 1})
+    assert response.status_code == 202
+
+
 def test_prefer_wait_holds_at_most_n_seconds(client):
     start = time.monotonic()
     response = client.post("/sample", headers={"Prefer": "wait=1"}, json=LONG)
@@ -256,8 +261,10 @@ def test_last_event_id_resumes_after_that_event(client):
     everything = stream(client, job["id"])
     resumed = stream(client, job["id"], headers={"Last-Event-ID": str(everything[2].id)})
     assert [e.id for e in resumed] == [e.id for e in everything[3:]]
-    bad = client.get(f"/stream/{job['id']}", headers={"Last-Event-ID": "soon"})
-    assert bad.status_code == 422 and "Last-Event-ID" in bad.json()["error"]["message"]
+    # Not a number, a digit Python's int() refuses ("²" in Latin-1), more digits than int() reads
+    for value in (b"soon", "\u00b2".encode("latin-1"), b"9" * 5000):
+        bad = client.get(f"/stream/{job['id']}", headers={"Last-Event-ID": value})
+        assert bad.status_code == 422 and "Last-Event-ID" in bad.json()["error"]["message"]
 
 
 def test_xt_previews_only_when_asked(client):

@@ -9,30 +9,67 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 
+from app.api import schemas
 from app.api.deps import OwnerDep, ServiceDep, SettingsDep
 from app.api.errors import ApiError, invalid
-from app.api.routes.common import errors
 from app.api.service import RETRY_AFTER_SECONDS, JobService
 from app.api.sse import HEARTBEAT, EventStreamResponse, format_event
 from app.jobs import Event, EventType
 
 router = APIRouter(tags=["jobs"])
 
+
+def _event(name: str, data: dict[str, Any]) -> dict[str, Any]:
+    """One SSE event as OpenAPI 3.2 (and FastAPI's own SSE routes) describe it: `data` is JSON text."""
+    return {
+        "type": "object",
+        "required": ["id", "event", "data"],
+        "properties": {
+            "id": {"type": "string", "pattern": "^[0-9]+$", "description": "increasing, from 1"},
+            "event": {"const": name},
+            "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data},
+        },
+    }
+
+
+_EVENT = {
+    "oneOf": [
+        _event("progress", schemas.ProgressEvent.model_json_schema()),  # self-contained: no nested models
+        _event("done", {"$ref": "#/components/schemas/Job"}),
+        _event("error", {"$ref": "#/components/schemas/JobError"}),
+    ]
+}
 _SSE = {
     200: {
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "content": {
+            "text/event-stream": {"schema": {"type": "array", "items": _EVENT}, "itemSchema": _EVENT}
+        },
         "description": "events `progress` (data: ProgressEvent), then `done` (data: Job) or `error` "
         "(data: {code, message}); each with an increasing `id`; comment heartbeats in between",
     }
+}
+# Errors are JSON, not events: spelled out, since `model` would document them under text/event-stream.
+_ERRORS = {
+    status: {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+    }
+    for status, description in (
+        (401, "missing or wrong API key"),
+        (404, "unknown or expired job"),
+        (422, "bad Last-Event-ID or query"),
+        (429, "too many open streams for this key"),
+    )
 }
 
 
 def _after_id(last_event_id: str | None) -> int:
     if last_event_id is None or not last_event_id.strip():
         return 0
-    if not last_event_id.strip().isdigit():
+    value = last_event_id.strip()
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:  # not "²", nor 4300 digits for int()
         raise invalid("Last-Event-ID", "must be the id of an event of this stream (a non-negative integer)")
-    return int(last_event_id)
+    return int(value)
 
 
 async def _next(events: AsyncIterator[Event]) -> Event:
@@ -80,7 +117,7 @@ async def _data(service: JobService, event: Event, job_id: str, owner: str | Non
     "/stream/{job_id}",
     status_code=200,
     response_class=EventStreamResponse,
-    responses={**_SSE, **errors(401, 404, 422, 429)},
+    responses={**_SSE, **_ERRORS},
 )
 async def stream(
     job_id: str,
