@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.api.conftest import live_server, server_settings, wait_done, wait_for
+from tests.api.conftest import live_server, png_b64, server_settings, wait_done, wait_for
 
 pytestmark = pytest.mark.service
 
@@ -25,6 +25,12 @@ def test_a_full_queue_answers_429_with_retry_after(model_dirs):
         assert refused.status_code == 429
         assert int(refused.headers["retry-after"]) >= 1
         assert refused.json()["error"]["code"] == "queue_full"
+        for route, body in (
+            ("/interpolate", {"a": {"image": png_b64(1)}, "b": {"image": png_b64(2)}, "num": 2, "t": 3}),
+            ("/reconstruct", {"image": png_b64(1), "t": 3, "n": 1}),
+            ("/likelihood", {"images": [png_b64(1)]}),
+        ):
+            assert client.post(route, json=body).status_code == 429, route
         client.delete(f"/jobs/{queued.json()['id']}")
         assert client.post("/sample", json={"n": 1, "steps": 1}).status_code == 202  # room again
         client.delete(f"/jobs/{running['id']}")
@@ -40,6 +46,9 @@ def test_without_a_key_or_with_a_wrong_one_job_routes_are_401(secured):
     with secured.client() as anonymous:
         for response in (
             anonymous.post("/sample", json={"steps": 1}),
+            anonymous.post("/interpolate", json={"a": {"seed": 1}, "b": {"seed": 2}, "num": 2}),
+            anonymous.post("/reconstruct", json={"image": png_b64(1)}),
+            anonymous.post("/likelihood", json={"images": [png_b64(1)]}),
             anonymous.get("/models"),
             anonymous.get("/jobs/anything"),
             anonymous.get("/stream/anything"),
