@@ -19,7 +19,7 @@ router = APIRouter(tags=["generation"])
 SIDES = ("a", "b")
 
 
-def _source_params(source: schemas.ImageSource | schemas.SeedSource | schemas.JobImageSource) -> dict:
+def _source_params(source: schemas.Source) -> dict[str, Any]:
     # The job shows where each source came from, not the uploaded bytes.
     if isinstance(source, schemas.ImageSource):
         return {"image": True}
@@ -27,7 +27,11 @@ def _source_params(source: schemas.ImageSource | schemas.SeedSource | schemas.Jo
 
 
 async def _source_input(
-    service: JobService, entry: ModelEntry, owner: str | None, side: str, source: Any
+    service: JobService,
+    entry: ModelEntry,
+    owner: str | None,
+    side: str,
+    source: schemas.ImageSource | schemas.JobImageSource,
 ) -> np.ndarray:
     if isinstance(source, schemas.ImageSource):
         return (await service.decode_uploads({f"{side}.image": source.image}, entry))[0]
