@@ -242,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True)
     c.set_defaults(func=_convert)
     _add_remote(sub)
+
+    from app.evaluation.cli import add_parsers
+
+    add_parsers(sub)  # train-classifier, eval
     return p
 
 
