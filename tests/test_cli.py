@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -7,25 +8,14 @@ import torch
 from PIL import Image
 
 from app.cli import main
-from app.nets import SchedulerConfig, UNet, UNetConfig, load_checkpoint, save_checkpoint
+from app.nets import SchedulerConfig, UNet, load_checkpoint
 from app.nets.convert import to_original_state_dict
+from tests.tiny import TINY_CONFIG, save_tiny
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = UNetConfig.ddpm(
-        resolution=8,
-        in_channels=1,
-        ch=32,
-        ch_mult=(1, 2),
-        num_res_blocks=1,
-        attn_resolutions=(4,),
-        dropout=0.0,
-    )
-    folder = tmp_path_factory.mktemp("tiny")
-    save_checkpoint(folder, UNet(cfg), SchedulerConfig(num_train_timesteps=30))
-    return folder
+    return save_tiny(tmp_path_factory.mktemp("tiny"), timesteps=30)
 
 
 def test_sample_writes_a_grid_and_float_values(tiny, tmp_path, capsys):
@@ -101,15 +91,7 @@ def test_sample_shows_a_progress_bar_and_clear_errors(tiny, tmp_path):
 def test_convert_original_checkpoint(tmp_path, monkeypatch):
     from app.nets import presets
 
-    cfg = UNetConfig.ddpm(
-        resolution=8,
-        in_channels=3,
-        ch=32,
-        ch_mult=(1, 2),
-        num_res_blocks=1,
-        attn_resolutions=(4,),
-        dropout=0.0,
-    )
+    cfg = replace(TINY_CONFIG, in_channels=3, out_channels=3)
     small = presets.Preset(
         name="small",
         unet=cfg,

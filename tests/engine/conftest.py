@@ -2,32 +2,16 @@ import threading
 from dataclasses import dataclass, field
 
 import pytest
-import torch
 
 from app.engine.engine import Engine
 from app.engine.work import Work
-from app.nets import Checkpoint, SchedulerConfig, UNet, UNetConfig
+from app.nets import Checkpoint
+from tests.tiny import tiny_checkpoint
 
 
 @pytest.fixture(scope="session")
 def tiny_ckpt() -> Checkpoint:
-    torch.manual_seed(0)
-    cfg = UNetConfig.ddpm(
-        resolution=8,
-        in_channels=1,
-        ch=32,
-        ch_mult=(1, 2),
-        num_res_blocks=1,
-        attn_resolutions=(4,),
-        dropout=0.0,
-    )
-    unet = UNet(cfg).eval()
-    return Checkpoint(
-        unet=unet,
-        scheduler=SchedulerConfig(num_train_timesteps=40, variance_type="fixed_large"),
-        name="tiny",
-        source="test",
-    )
+    return tiny_checkpoint(timesteps=40, variance_type="fixed_large")
 
 
 @dataclass
