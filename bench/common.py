@@ -1,0 +1,66 @@
+"""Shared helpers of the benchmarks: timing, machine description, tables and JSON results."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, str | int]:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "gpu": gpu or "none",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn: Callable[[], object], *, device: torch.device, repeat: int = 5, warmup: int = 2) -> float:
+    """Median seconds of `repeat` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    line = " | ".join(c.ljust(widths[c]) for c in columns)
+    rule = "-|-".join("-" * widths[c] for c in columns)
+    body = "\n".join(" | ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows)
+    return f"{line}\n{rule}\n{body}"
+
+
+def save(name: str, rows: list[dict], **extra) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "rows": rows,
+        **extra,
+    }
+    path.write_text(json.dumps(payload, indent=2))
+    return path
