@@ -1,6 +1,17 @@
 """One router per file; `ROUTERS` is the order they appear in /docs."""
 
-from app.api.routes import health, interpolate, jobs, likelihood, metrics, models, reconstruct, sample, stream
+from app.api.routes import (
+    health,
+    interpolate,
+    jobs,
+    likelihood,
+    metrics,
+    models,
+    page,
+    reconstruct,
+    sample,
+    stream,
+)
 
 ROUTERS = (
     sample.router,
@@ -12,4 +23,5 @@ ROUTERS = (
     models.router,
     health.router,
     metrics.router,
+    page.router,
 )

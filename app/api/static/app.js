@@ -1,0 +1,478 @@
+// The ddpm-serve page: sample, interpolate and reconstruct, with live x̂₀ previews from /stream.
+// Plain JavaScript, no dependencies; every request goes to this server (API.md).
+"use strict";
+
+const $ = (selector, root = document) => root.querySelector(selector);
+const $$ = (selector, root = document) => [...root.querySelectorAll(selector)];
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const PREVIEWS_PER_JOB = 60; // about this many x̂₀ frames per job, whatever its length
+
+// The page picks the seeds it does not get from the form: the server's own random seeds go up to 2^63,
+// which JavaScript numbers cannot hold exactly, so they could not be shown or reused.
+const randomSeed = () => crypto.getRandomValues(new Uint32Array(1))[0];
+const seedFrom = (text) => (text === "" || text === null ? randomSeed() : Number(text));
+
+// ---------------------------------------------------------------- API access
+
+class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+// Relative to the page, so that the service also works behind a path prefix.
+const url = (path) => new URL("." + path, document.baseURI);
+
+function headers(extra = {}) {
+  const key = $("#api-key").value.trim();
+  return key ? { ...extra, "X-API-Key": key } : extra;
+}
+
+async function api(path, { method = "GET", body, extraHeaders = {} } = {}) {
+  const init = { method, headers: headers(extraHeaders) };
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  let response;
+  try {
+    response = await fetch(url(path), init);
+  } catch (e) {
+    throw new ApiError(0, "unreachable", `the server did not answer (${e.message})`);
+  }
+  if (!response.ok) throw await apiError(response);
+  return response;
+}
+
+async function apiError(response) {
+  let code = "http_error";
+  let message = `${response.status} ${response.statusText}`;
+  try {
+    ({ code, message } = (await response.json()).error);
+  } catch {
+    // not the API's JSON (a proxy's error page): keep the status line
+  }
+  const retry = response.headers.get("Retry-After");
+  if (retry) message += ` (try again in ${retry} s)`;
+  return new ApiError(response.status, code, message);
+}
+
+const getJSON = async (path, options) => (await api(path, options)).json();
+
+// One Server-Sent Events message ("id:", "event:", "data:" lines); null for a heartbeat comment.
+function parseEvent(block) {
+  const fields = {};
+  for (const line of block.split("\n")) {
+    if (!line || line.startsWith(":")) continue;
+    const colon = line.indexOf(":");
+    const name = colon < 0 ? line : line.slice(0, colon);
+    const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+    fields[name] = name === "data" && name in fields ? `${fields.data}\n${value}` : value;
+  }
+  if (!("data" in fields)) return null;
+  return { id: fields.id ? Number(fields.id) : null, event: fields.event || "message", data: JSON.parse(fields.data) };
+}
+
+// The events of /stream/{id}, read with fetch because EventSource cannot send the API key.
+// A dropped connection resumes after the last event seen (Last-Event-ID).
+async function* events(path) {
+  let lastId = null;
+  for (let attempt = 0; attempt < 5; attempt++) {
+    const resume = lastId === null ? {} : { "Last-Event-ID": String(lastId) };
+    const response = await api(path, { extraHeaders: { Accept: "text/event-stream", ...resume } });
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value.replace(/\r\n?/g, "\n");
+        let end;
+        while ((end = buffer.indexOf("\n\n")) >= 0) {
+          const message = parseEvent(buffer.slice(0, end));
+          buffer = buffer.slice(end + 2);
+          if (!message) continue;
+          if (message.id !== null) lastId = message.id;
+          yield message;
+          if (message.event === "done" || message.event === "error") return;
+        }
+      }
+    } catch (e) {
+      if (!(e instanceof TypeError)) throw e; // a network error ends up here as a TypeError
+    }
+    await sleep(500 * 2 ** attempt);
+  }
+  throw new ApiError(0, "stream_lost", "lost the progress stream; the job goes on: look again later");
+}
+
+async function download(path, filename) {
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(await (await api(path)).blob());
+  link.download = filename;
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 60_000);
+}
+
+// ---------------------------------------------------------------- models and earlier samples
+
+const state = { models: [], samples: [] }; // samples: {job, index, model, seed, src}
+
+const model = () => state.models.find((m) => m.name === $("#model").value) || state.models[0];
+
+async function loadModels() {
+  const error = $("#page-error");
+  try {
+    state.models = await getJSON("/models");
+    error.hidden = true;
+  } catch (e) {
+    error.textContent = `Could not list the models: ${e.message}`;
+    error.hidden = false;
+    return;
+  }
+  const select = $("#model");
+  const previous = select.value;
+  select.replaceChildren(...state.models.map((m) => new Option(m.name, m.name, m.default, m.name === previous)));
+  if (!state.models.some((m) => m.name === previous)) select.value = state.models.find((m) => m.default).name;
+  modelChanged();
+}
+
+function modelChanged() {
+  const m = model();
+  if (!m) return;
+  const channels = m.channels === 1 ? "grayscale" : m.channels === 3 ? "RGB" : `${m.channels} channels`;
+  const variance = m.variance === "beta" ? "σ² = β" : "σ² = β̃";
+  $("#model-info").textContent =
+    `${m.resolution}×${m.resolution} ${channels} · T = ${m.timesteps} · ${m.beta_schedule} β · ${variance}`;
+  $("#sample [name=steps]").max = m.timesteps;
+  $("#sample [name=steps]").value = m.timesteps;
+  for (const input of $$("#interpolate [name=t], #reconstruct [name=t]")) {
+    input.value = Math.max(1, Math.floor(m.timesteps / 2));
+    input.max = m.timesteps;
+  }
+  // Crisp pixels at a useful size: an integer scale of the model's resolution.
+  const cell = Math.max(1, Math.round(96 / m.resolution)) * m.resolution;
+  document.documentElement.style.setProperty("--cell", `${cell}px`);
+  refreshPickers();
+}
+
+function remember(job) {
+  const images = job.result.images.map((image, index) => ({ job: job.id, index, model: job.model, seed: job.seed }));
+  state.samples.push(...images);
+  refreshPickers();
+  return images;
+}
+
+function refreshPickers() {
+  const mine = state.samples.filter((s) => s.model === model()?.name);
+  for (const select of $$(".source .pick")) {
+    const chosen = select.value;
+    const options = mine.map((s) => new Option(`sample ${s.index} of job ${s.job.slice(0, 6)} (seed ${s.seed})`, `${s.job}:${s.index}`));
+    select.replaceChildren(...(options.length ? options : [new Option("none yet: sample first", "")]));
+    if (options.some((o) => o.value === chosen)) select.value = chosen;
+  }
+}
+
+// ---------------------------------------------------------------- sources and uploads
+
+function setUpSource(fieldset, seed) {
+  fieldset.append($("#source").content.cloneNode(true));
+  if ("noSeed" in fieldset.dataset) $("option[value=seed]", fieldset).remove();
+  $(".seed", fieldset).value = seed;
+  const kind = $(".kind", fieldset);
+  const show = () => {
+    for (const name of ["seed", "pick", "file"]) {
+      const wanted = { seed: "seed", sample: "pick", upload: "file" }[kind.value];
+      $(`.${name}`, fieldset).hidden = name !== wanted;
+    }
+  };
+  kind.addEventListener("change", show);
+  show();
+}
+
+// The request's view of a source: {"seed"}, {"job", "index"} or {"image": base64 PNG}.
+async function readSource(fieldset) {
+  const side = fieldset.dataset.side;
+  switch ($(".kind", fieldset).value) {
+    case "seed":
+      return { seed: Number($(".seed", fieldset).value) };
+    case "sample": {
+      const [job, index] = $(".pick", fieldset).value.split(":");
+      if (!job) throw new ApiError(0, "no_sample", `${side}: there is no earlier sample of this model yet`);
+      return { job, index: Number(index) };
+    }
+    default: {
+      const file = $(".file", fieldset).files[0];
+      if (!file) throw new ApiError(0, "no_file", `${side}: choose an image file`);
+      return { image: await toModelPNG(file, model()) };
+    }
+  }
+}
+
+// Any image the browser can read, resized to the model's resolution, as a base64 PNG with exactly the
+// model's channels (canvas.toDataURL always gives RGBA, which the API refuses for L or RGB models).
+async function toModelPNG(file, m) {
+  const bitmap = await createImageBitmap(file);
+  const canvas = new OffscreenCanvas(m.resolution, m.resolution);
+  const context = canvas.getContext("2d");
+  context.drawImage(bitmap, 0, 0, m.resolution, m.resolution);
+  const rgba = context.getImageData(0, 0, m.resolution, m.resolution).data;
+  const pixels = new Uint8Array(rgba.length / 4 * m.channels);
+  for (let i = 0, o = 0; i < rgba.length; i += 4) {
+    if (m.channels === 1) {
+      pixels[o++] = Math.round(0.299 * rgba[i] + 0.587 * rgba[i + 1] + 0.114 * rgba[i + 2]); // as Pillow's "L"
+    } else {
+      pixels.set(rgba.subarray(i, i + 3), o);
+      o += 3;
+    }
+  }
+  const png = await encodePNG(m.resolution, m.resolution, m.channels, pixels);
+  let binary = "";
+  for (const byte of png) binary += String.fromCharCode(byte);
+  return btoa(binary);
+}
+
+const CRC_TABLE = Array.from({ length: 256 }, (_, n) => {
+  let c = n;
+  for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+  return c >>> 0;
+});
+
+function pngChunk(type, data) {
+  const chunk = new Uint8Array(12 + data.length);
+  const view = new DataView(chunk.buffer);
+  view.setUint32(0, data.length);
+  chunk.set(new TextEncoder().encode(type), 4);
+  chunk.set(data, 8);
+  let crc = 0xffffffff;
+  for (const byte of chunk.subarray(4, 8 + data.length)) crc = CRC_TABLE[(crc ^ byte) & 0xff] ^ (crc >>> 8);
+  view.setUint32(8 + data.length, (crc ^ 0xffffffff) >>> 0);
+  return chunk;
+}
+
+// An 8-bit grayscale (1 channel) or RGB (3) PNG; zlib compression by the browser's CompressionStream.
+async function encodePNG(width, height, channels, pixels) {
+  const stride = width * channels;
+  const rows = new Uint8Array(height * (stride + 1)); // each row: filter type 0, then its bytes
+  for (let y = 0; y < height; y++) rows.set(pixels.subarray(y * stride, (y + 1) * stride), y * (stride + 1) + 1);
+  const zlib = new Response(new Blob([rows]).stream().pipeThrough(new CompressionStream("deflate")));
+  const header = new Uint8Array(13);
+  new DataView(header.buffer).setUint32(0, width);
+  new DataView(header.buffer).setUint32(4, height);
+  header.set([8, channels === 1 ? 0 : 2, 0, 0, 0], 8);
+  const parts = [
+    new Uint8Array([137, 80, 78, 71, 13, 10, 26, 10]),
+    pngChunk("IHDR", header),
+    pngChunk("IDAT", new Uint8Array(await zlib.arrayBuffer())),
+    pngChunk("IEND", new Uint8Array()),
+  ];
+  return new Uint8Array(await new Blob(parts).arrayBuffer());
+}
+
+// ---------------------------------------------------------------- one job, watched
+
+class JobView {
+  constructor(panel) {
+    panel.append($("#job-view").content.cloneNode(true));
+    this.panel = panel;
+    this.root = $(".job", panel);
+    this.bar = $("progress", panel);
+    this.status = $(".status", panel);
+    this.previews = $(".previews", panel);
+    this.results = $(".results", panel);
+    this.downloads = $(".downloads", panel);
+    this.error = $(".error", panel);
+  }
+
+  start() {
+    this.root.hidden = false;
+    this.error.hidden = true;
+    this.downloads.hidden = true;
+    this.previews.replaceChildren();
+    this.results.replaceChildren();
+    this.bar.value = 0;
+    this.status.textContent = "submitting…";
+    this.first = null;
+  }
+
+  queued(job) {
+    this.bar.max = job.progress.steps || 1;
+    this.status.textContent = job.queue_position ? `queued (position ${job.queue_position})` : "starting…";
+  }
+
+  progress(event, columns) {
+    const now = performance.now();
+    this.first ??= { time: now, step: event.step };
+    this.bar.max = event.steps;
+    this.bar.value = event.step;
+    const rate = (event.step - this.first.step) / ((now - this.first.time) / 1000);
+    const eta = rate > 0 ? ` · ${formatSeconds((event.steps - event.step) / rate)} left` : "";
+    this.status.textContent = `step ${event.step} / ${event.steps} · t = ${event.t}${eta}`;
+    this.previews.hidden = false;
+    showGrid(this.previews, event.x0.length, columns(event.x0.length));
+    event.x0.forEach((png, k) => {
+      this.previews.children[k].src = `data:image/png;base64,${png}`;
+    });
+  }
+
+  async finish(job, columns) {
+    const seconds = (new Date(job.finished_at) - new Date(job.started_at || job.created_at)) / 1000;
+    if (job.status !== "succeeded") {
+      this.status.textContent = `${job.status} at step ${job.progress.step} / ${job.progress.steps}`;
+      if (job.error) this.fail(new ApiError(0, job.error.code, job.error.message));
+      return;
+    }
+    this.bar.value = this.bar.max;
+    this.status.textContent = `done in ${formatSeconds(seconds)} · seed ${job.seed}`;
+    const blobs = await Promise.all(job.result.images.map(async (image) => (await api(image.url)).blob()));
+    const cells = blobs.map((blob, k) => {
+      const src = URL.createObjectURL(blob);
+      const link = Object.assign(document.createElement("a"), { href: src, download: `${job.id}-${k}.png` });
+      link.title = `image ${k}: click to download`;
+      link.append(Object.assign(document.createElement("img"), { src, alt: `image ${k}` }));
+      return link;
+    });
+    this.previews.hidden = true;
+    this.results.style.setProperty("--columns", columns(cells.length));
+    this.results.replaceChildren(...cells);
+    this.downloads.replaceChildren(
+      "Download: ",
+      downloadButton("grid.png", job.result.grid_url, `${job.id}-grid.png`),
+      " ",
+      downloadButton("all as .npy (float32)", job.result.npy_url, `${job.id}.npy`),
+    );
+    this.downloads.hidden = false;
+  }
+
+  fail(error) {
+    this.error.textContent = error.status ? `${error.message} (${error.status} ${error.code})` : error.message;
+    this.error.hidden = false;
+  }
+}
+
+function showGrid(grid, count, columns) {
+  grid.style.setProperty("--columns", columns);
+  while (grid.children.length > count) grid.lastChild.remove();
+  while (grid.children.length < count) grid.append(Object.assign(document.createElement("img"), { alt: "x̂₀" }));
+}
+
+function downloadButton(label, path, filename) {
+  const button = Object.assign(document.createElement("button"), { type: "button", textContent: label });
+  button.addEventListener("click", () => download(path, filename).catch((e) => alert(e.message)));
+  return button;
+}
+
+function formatSeconds(seconds) {
+  if (seconds < 60) return `${seconds.toFixed(seconds < 10 ? 1 : 0)} s`;
+  return `${Math.floor(seconds / 60)} min ${Math.round(seconds % 60)} s`;
+}
+
+// Submits a job from a panel's form and follows it to the end; the panel's Cancel button cancels it.
+function jobPanel(panel, { path, body, columns, done = () => {} }) {
+  const view = new JobView(panel);
+  const form = $("form", panel);
+  const submit = $("button[type=submit]", form);
+  const cancel = $(".cancel", form);
+  let current = null;
+  cancel.addEventListener("click", async () => {
+    cancel.disabled = true;
+    try {
+      await api(`/jobs/${current}`, { method: "DELETE" });
+    } catch (e) {
+      view.fail(e);
+    }
+  });
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    view.start();
+    submit.disabled = true;
+    try {
+      const request = { model: model().name, ...(await body(new FormData(form))) };
+      const job = await getJSON(path, { method: "POST", body: request });
+      current = job.id;
+      cancel.disabled = false;
+      view.queued(job);
+      for await (const message of events(job.urls.stream)) {
+        if (message.event === "progress") view.progress(message.data, columns);
+        else if (message.event === "done") {
+          cancel.disabled = true;
+          await view.finish(message.data, columns);
+          if (message.data.status === "succeeded") done(message.data);
+        } else if (message.event === "error") {
+          view.fail(new ApiError(0, message.data.code, message.data.message));
+        }
+      }
+    } catch (e) {
+      view.status.textContent = "";
+      view.fail(e);
+    } finally {
+      submit.disabled = false;
+      cancel.disabled = true;
+    }
+  });
+}
+
+const square = (count) => Math.ceil(Math.sqrt(count));
+const previewEvery = (steps) => Math.max(1, Math.ceil(steps / PREVIEWS_PER_JOB));
+const listOfT = (text) => text.split(",").map((t) => Number(t.trim()));
+
+// ---------------------------------------------------------------- the three panels
+
+function setUp() {
+  $("#api-key").value = sessionStorage.getItem("ddpm-api-key") || "";
+  $("#api-key").addEventListener("change", () => {
+    sessionStorage.setItem("ddpm-api-key", $("#api-key").value.trim());
+    loadModels();
+  });
+  $("#model").addEventListener("change", modelChanged);
+  $$(".source").forEach((fieldset, k) => setUpSource(fieldset, k + 1));
+
+  const sampler = $("#sample [name=sampler]");
+  sampler.addEventListener("change", () => {
+    $("#sample [name=eta]").disabled = sampler.value !== "ddim";
+  });
+
+  jobPanel($("#sample"), {
+    path: "/sample",
+    body: (form) => {
+      const steps = Number(form.get("steps"));
+      const request = { n: Number(form.get("n")), steps, sampler: form.get("sampler"), stream_every: previewEvery(steps) };
+      if (request.sampler === "ddim") request.eta = Number(form.get("eta"));
+      request.seed = seedFrom(form.get("seed"));
+      return request;
+    },
+    columns: square,
+    done: remember,
+  });
+
+  let interpolation = { rows: 1, columns: 2 };
+  jobPanel($("#interpolate"), {
+    path: "/interpolate",
+    body: async (form) => {
+      const ts = listOfT(form.get("t"));
+      const [a, b] = await Promise.all($$("#interpolate .source").map(readSource));
+      const seeded = "seed" in a || "seed" in b;
+      const steps = (seeded ? model().timesteps : 0) + Math.max(...ts); // seed ends are sampled first
+      interpolation = { rows: ts.length, columns: Number(form.get("num")) };
+      const t = ts.length === 1 ? ts[0] : ts;
+      return { a, b, t, num: interpolation.columns, seed: randomSeed(), stream_every: previewEvery(steps) };
+    },
+    // While the ends are being sampled the previews are those two images; then the t × λ grid.
+    columns: (count) => (count === interpolation.rows * interpolation.columns ? interpolation.columns : count),
+  });
+
+  jobPanel($("#reconstruct"), {
+    path: "/reconstruct",
+    body: async (form) => {
+      const source = await readSource($("#reconstruct .source"));
+      const t = Number(form.get("t"));
+      return { ...source, t, n: Number(form.get("n")), seed: randomSeed(), stream_every: previewEvery(t) };
+    },
+    columns: (count) => Math.min(count, 8),
+  });
+
+  loadModels();
+}
+
+setUp();
