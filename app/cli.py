@@ -233,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int)
     t.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
     t.add_argument("--preview-every", dest="preview_every", type=int)
+    t.add_argument("--init-from", dest="init_from", help="start a new run from this checkpoint's weights")
     t.add_argument("--device", default=best_device())
     t.set_defaults(func=_train)
 

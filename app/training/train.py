@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from app.diffusion import Schedule, q_sample, sample_ddim
 from app.images import make_grid, save_png
-from app.nets import SchedulerConfig, UNet, UNetConfig, save_checkpoint
+from app.nets import SchedulerConfig, UNet, UNetConfig, load_checkpoint, save_checkpoint
 from app.training.data import DataError, load_images, pad_to
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class TrainConfig:
     preview_steps: int = 50
     device: str = "cpu"
     holdout: list[int] = field(default_factory=list)  # dataset indices never trained on
+    init_from: str | None = None  # a checkpoint folder whose weights start a new run (fine-tuning)
 
     MODEL_KEYS = (
         "ch",
@@ -160,6 +161,8 @@ class Trainer:
         self._stop = False
         if (self.out / "state.pt").exists():
             self._resume()
+        elif cfg.init_from:
+            self._init_from(cfg.init_from)
 
     def _load_data(self) -> torch.Tensor:
         x = load_images(self.cfg.data)
@@ -197,6 +200,16 @@ class Trainer:
         self.step = state["step"]
         self.elapsed = state.get("elapsed", 0.0)
         log.info("resumed %s at step %d", self.out, self.step)
+
+    def _init_from(self, path: str) -> None:
+        """Start from a saved model (e.g. the bundled one) with a fresh optimizer: the way to go on
+        training across machines, where state.pt did not travel."""
+        ckpt = load_checkpoint(path, device=self.device)
+        if dataclasses.replace(ckpt.unet.config, dropout=self.unet_config.dropout) != self.unet_config:
+            raise SystemExit(f"{path} has another architecture than this run: {ckpt.unet.config}")
+        self.model.load_state_dict(ckpt.unet.state_dict())
+        self.ema.load_state_dict(ckpt.unet.state_dict())
+        log.info("initialised %s from %s", self.out, path)
 
     def save(self) -> None:
         """Write state.pt atomically, then the EMA model in the diffusers layout."""

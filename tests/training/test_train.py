@@ -106,3 +106,14 @@ def test_schedules_of_lr_and_ema():
     ema_update(a, b, 0.9)
     for p, e in zip(a.parameters(), expected, strict=True):
         torch.testing.assert_close(p.detach(), e.detach())
+
+
+def test_a_new_run_can_start_from_a_saved_model(digits, tmp_path):
+    first = Trainer(_config(digits, tmp_path / "e", steps=2))
+    model = first.run()
+    second = Trainer(_config(digits, tmp_path / "f", steps=4, init_from=str(model)))
+    assert second.step == 0
+    for p, q in zip(first.ema.parameters(), second.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    with pytest.raises(SystemExit, match="another architecture"):
+        Trainer(_config(digits, tmp_path / "g", steps=4, ch=64, init_from=str(model)))
