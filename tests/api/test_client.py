@@ -60,6 +60,17 @@ def test_images_download_as_floats_pil_images_and_a_grid(ddpm):
     assert grid.size == (2 * 10 + 2, 2 * 10 + 2)  # 3 images tile 2 × 2 with 2-pixel gaps
 
 
+def test_given_latents_are_where_ddim_starts(ddpm):
+    latents = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    runs = [
+        ddpm.images(ddpm.sample(2, steps=3, sampler="ddim", latents=latents, seed=seed, wait=True))
+        for seed in (1, 2)
+    ]
+    assert np.allclose(runs[0], runs[1], atol=1e-6)  # DDIM with η = 0 is deterministic given x_T
+    other = ddpm.images(ddpm.sample(2, steps=3, sampler="ddim", seed=1, wait=True))
+    assert not np.allclose(runs[0], other, atol=1e-3)
+
+
 def test_job_and_cancel_follow_a_running_job(live, ddpm):
     job = ddpm.sample(**LONG)
     with live.client() as http:
@@ -144,9 +155,11 @@ def test_a_full_queue_is_retried_after_retry_after_then_given_up_or_admitted(mod
         assert "already waiting" in str(caught.value) and "after 2 attempts" in str(caught.value)
 
         # Room appears while the client waits: its retry is admitted.
-        threading.Timer(0.5, ddpm.cancel, args=(queued,)).start()
+        room = threading.Timer(0.5, ddpm.cancel, args=(queued,))
+        room.start()
         with Client(live.url, retries=5) as patient:
             admitted = patient.sample(1, steps=1)
+        room.join()
         assert admitted.status in ("queued", "running")
         for job in (admitted, running):
             ddpm.cancel(job)
