@@ -14,10 +14,16 @@ def test_the_page_and_its_assets_are_served_and_nothing_else(model_dirs):
         page = client.get("/")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         assert "connect-src 'self'" in page.headers["content-security-policy"]
-        assert 'src="static/app.js"' in page.text and 'href="static/style.css"' in page.text
-        script, style = client.get("/static/app.js"), client.get("/static/style.css")
-        assert script.headers["content-type"].startswith("text/javascript") and "X-API-Key" in script.text
-        assert style.headers["content-type"].startswith("text/css") and "pixelated" in style.text
+        expected = {
+            "api.js": ("text/javascript", "X-API-Key"),
+            "png.js": ("text/javascript", "IHDR"),
+            "app.js": ("text/javascript", '"/sample"'),
+            "style.css": ("text/css", "pixelated"),
+        }
+        for name, (media_type, content) in expected.items():
+            assert f"static/{name}" in page.text
+            asset = client.get(f"/static/{name}")
+            assert asset.headers["content-type"].startswith(media_type) and content in asset.text
         for other in ("/static/index.html", "/static/..%2Fapp.py", "/static/missing.js"):
             refused = client.get(other)
             assert refused.status_code == 404 and refused.json()["error"]["code"] == "not_found"

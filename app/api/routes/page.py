@@ -14,7 +14,12 @@ from fastapi.responses import FileResponse
 from app.api.errors import ApiError
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
-ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
+ASSETS = {
+    "api.js": "text/javascript",
+    "png.js": "text/javascript",
+    "app.js": "text/javascript",
+    "style.css": "text/css",
+}
 HEADERS = {
     "Cache-Control": "no-cache",  # revalidate (ETag), so a new deployment shows at once
     "X-Content-Type-Options": "nosniff",
@@ -36,7 +41,7 @@ async def page() -> FileResponse:
 
 @router.get("/static/{name}")
 async def asset(name: str) -> FileResponse:
-    """The page's script and stylesheet; nothing else under static/ is served."""
+    """The page's scripts and stylesheet; nothing else under static/ is served."""
     media_type = ASSETS.get(name)
     if media_type is None:
         raise ApiError(404, "not_found", f"no static file {name[:100]!r}; the page is at /")

@@ -1,119 +1,14 @@
 // The ddpm-serve page: sample, interpolate and reconstruct, with live x̂₀ previews from /stream.
 // Plain JavaScript, no dependencies; every request goes to this server (API.md).
+// Uses api.js (requests, events) and png.js (uploads), loaded before it.
 "use strict";
 
-const $ = (selector, root = document) => root.querySelector(selector);
-const $$ = (selector, root = document) => [...root.querySelectorAll(selector)];
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const PREVIEWS_PER_JOB = 60; // about this many x̂₀ frames per job, whatever its length
 
 // The page picks the seeds it does not get from the form: the server's own random seeds go up to 2^63,
 // which JavaScript numbers cannot hold exactly, so they could not be shown or reused.
 const randomSeed = () => crypto.getRandomValues(new Uint32Array(1))[0];
 const seedFrom = (text) => (text === "" || text === null ? randomSeed() : Number(text));
-
-// ---------------------------------------------------------------- API access
-
-class ApiError extends Error {
-  constructor(status, code, message) {
-    super(message);
-    this.status = status;
-    this.code = code;
-  }
-}
-
-// Relative to the page, so that the service also works behind a path prefix.
-const url = (path) => new URL("." + path, document.baseURI);
-
-function headers(extra = {}) {
-  const key = $("#api-key").value.trim();
-  return key ? { ...extra, "X-API-Key": key } : extra;
-}
-
-async function api(path, { method = "GET", body, extraHeaders = {} } = {}) {
-  const init = { method, headers: headers(extraHeaders) };
-  if (body !== undefined) {
-    init.headers["Content-Type"] = "application/json";
-    init.body = JSON.stringify(body);
-  }
-  let response;
-  try {
-    response = await fetch(url(path), init);
-  } catch (e) {
-    throw new ApiError(0, "unreachable", `the server did not answer (${e.message})`);
-  }
-  if (!response.ok) throw await apiError(response);
-  return response;
-}
-
-async function apiError(response) {
-  let code = "http_error";
-  let message = `${response.status} ${response.statusText}`;
-  try {
-    ({ code, message } = (await response.json()).error);
-  } catch {
-    // not the API's JSON (a proxy's error page): keep the status line
-  }
-  const retry = response.headers.get("Retry-After");
-  if (retry) message += ` (try again in ${retry} s)`;
-  return new ApiError(response.status, code, message);
-}
-
-const getJSON = async (path, options) => (await api(path, options)).json();
-
-// One Server-Sent Events message ("id:", "event:", "data:" lines); null for a heartbeat comment.
-function parseEvent(block) {
-  const fields = {};
-  for (const line of block.split("\n")) {
-    if (!line || line.startsWith(":")) continue;
-    const colon = line.indexOf(":");
-    const name = colon < 0 ? line : line.slice(0, colon);
-    const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
-    fields[name] = name === "data" && name in fields ? `${fields.data}\n${value}` : value;
-  }
-  if (!("data" in fields)) return null;
-  return { id: fields.id ? Number(fields.id) : null, event: fields.event || "message", data: JSON.parse(fields.data) };
-}
-
-// The events of /stream/{id}, read with fetch because EventSource cannot send the API key.
-// A dropped connection resumes after the last event seen (Last-Event-ID).
-async function* events(path) {
-  let lastId = null;
-  for (let attempt = 0; attempt < 5; attempt++) {
-    const resume = lastId === null ? {} : { "Last-Event-ID": String(lastId) };
-    const response = await api(path, { extraHeaders: { Accept: "text/event-stream", ...resume } });
-    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-    let buffer = "";
-    try {
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buffer += value.replace(/\r\n?/g, "\n");
-        let end;
-        while ((end = buffer.indexOf("\n\n")) >= 0) {
-          const message = parseEvent(buffer.slice(0, end));
-          buffer = buffer.slice(end + 2);
-          if (!message) continue;
-          if (message.id !== null) lastId = message.id;
-          yield message;
-          if (message.event === "done" || message.event === "error") return;
-        }
-      }
-    } catch (e) {
-      if (!(e instanceof TypeError)) throw e; // a network error ends up here as a TypeError
-    }
-    await sleep(500 * 2 ** attempt);
-  }
-  throw new ApiError(0, "stream_lost", "lost the progress stream; the job goes on: look again later");
-}
-
-async function download(path, filename) {
-  const link = document.createElement("a");
-  link.href = URL.createObjectURL(await (await api(path)).blob());
-  link.download = filename;
-  link.click();
-  setTimeout(() => URL.revokeObjectURL(link.href), 60_000);
-}
 
 // ---------------------------------------------------------------- models and earlier samples
 
@@ -133,8 +28,9 @@ async function loadModels() {
   }
   const select = $("#model");
   const previous = select.value;
-  select.replaceChildren(...state.models.map((m) => new Option(m.name, m.name, m.default, m.name === previous)));
-  if (!state.models.some((m) => m.name === previous)) select.value = state.models.find((m) => m.default).name;
+  select.replaceChildren(...state.models.map((m) => new Option(m.name, m.name)));
+  const kept = state.models.some((m) => m.name === previous);
+  select.value = kept ? previous : state.models.find((m) => m.default).name;
   modelChanged();
 }
 
@@ -158,7 +54,8 @@ function modelChanged() {
 }
 
 function remember(job) {
-  const images = job.result.images.map((image, index) => ({ job: job.id, index, model: job.model, seed: job.seed }));
+  const { id, seed } = job;
+  const images = job.result.images.map((_, index) => ({ job: id, index, model: job.model, seed }));
   state.samples.push(...images);
   refreshPickers();
   return images;
@@ -168,7 +65,10 @@ function refreshPickers() {
   const mine = state.samples.filter((s) => s.model === model()?.name);
   for (const select of $$(".source .pick")) {
     const chosen = select.value;
-    const options = mine.map((s) => new Option(`sample ${s.index} of job ${s.job.slice(0, 6)} (seed ${s.seed})`, `${s.job}:${s.index}`));
+    const options = mine.map((s) => {
+      const label = `sample ${s.index} of job ${s.job.slice(0, 6)} (seed ${s.seed})`;
+      return new Option(label, `${s.job}:${s.index}`);
+    });
     select.replaceChildren(...(options.length ? options : [new Option("none yet: sample first", "")]));
     if (options.some((o) => o.value === chosen)) select.value = chosen;
   }
@@ -208,66 +108,6 @@ async function readSource(fieldset) {
       return { image: await toModelPNG(file, model()) };
     }
   }
-}
-
-// Any image the browser can read, resized to the model's resolution, as a base64 PNG with exactly the
-// model's channels (canvas.toDataURL always gives RGBA, which the API refuses for L or RGB models).
-async function toModelPNG(file, m) {
-  const bitmap = await createImageBitmap(file);
-  const canvas = new OffscreenCanvas(m.resolution, m.resolution);
-  const context = canvas.getContext("2d");
-  context.drawImage(bitmap, 0, 0, m.resolution, m.resolution);
-  const rgba = context.getImageData(0, 0, m.resolution, m.resolution).data;
-  const pixels = new Uint8Array(rgba.length / 4 * m.channels);
-  for (let i = 0, o = 0; i < rgba.length; i += 4) {
-    if (m.channels === 1) {
-      pixels[o++] = Math.round(0.299 * rgba[i] + 0.587 * rgba[i + 1] + 0.114 * rgba[i + 2]); // as Pillow's "L"
-    } else {
-      pixels.set(rgba.subarray(i, i + 3), o);
-      o += 3;
-    }
-  }
-  const png = await encodePNG(m.resolution, m.resolution, m.channels, pixels);
-  let binary = "";
-  for (const byte of png) binary += String.fromCharCode(byte);
-  return btoa(binary);
-}
-
-const CRC_TABLE = Array.from({ length: 256 }, (_, n) => {
-  let c = n;
-  for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
-  return c >>> 0;
-});
-
-function pngChunk(type, data) {
-  const chunk = new Uint8Array(12 + data.length);
-  const view = new DataView(chunk.buffer);
-  view.setUint32(0, data.length);
-  chunk.set(new TextEncoder().encode(type), 4);
-  chunk.set(data, 8);
-  let crc = 0xffffffff;
-  for (const byte of chunk.subarray(4, 8 + data.length)) crc = CRC_TABLE[(crc ^ byte) & 0xff] ^ (crc >>> 8);
-  view.setUint32(8 + data.length, (crc ^ 0xffffffff) >>> 0);
-  return chunk;
-}
-
-// An 8-bit grayscale (1 channel) or RGB (3) PNG; zlib compression by the browser's CompressionStream.
-async function encodePNG(width, height, channels, pixels) {
-  const stride = width * channels;
-  const rows = new Uint8Array(height * (stride + 1)); // each row: filter type 0, then its bytes
-  for (let y = 0; y < height; y++) rows.set(pixels.subarray(y * stride, (y + 1) * stride), y * (stride + 1) + 1);
-  const zlib = new Response(new Blob([rows]).stream().pipeThrough(new CompressionStream("deflate")));
-  const header = new Uint8Array(13);
-  new DataView(header.buffer).setUint32(0, width);
-  new DataView(header.buffer).setUint32(4, height);
-  header.set([8, channels === 1 ? 0 : 2, 0, 0, 0], 8);
-  const parts = [
-    new Uint8Array([137, 80, 78, 71, 13, 10, 26, 10]),
-    pngChunk("IHDR", header),
-    pngChunk("IDAT", new Uint8Array(await zlib.arrayBuffer())),
-    pngChunk("IEND", new Uint8Array()),
-  ];
-  return new Uint8Array(await new Blob(parts).arrayBuffer());
 }
 
 // ---------------------------------------------------------------- one job, watched
@@ -346,7 +186,8 @@ class JobView {
   }
 
   fail(error) {
-    this.error.textContent = error.status ? `${error.message} (${error.status} ${error.code})` : error.message;
+    const where = error.status ? ` (${error.status} ${error.code})` : "";
+    this.error.textContent = error.message + where;
     this.error.hidden = false;
   }
 }
@@ -354,7 +195,9 @@ class JobView {
 function showGrid(grid, count, columns) {
   grid.style.setProperty("--columns", columns);
   while (grid.children.length > count) grid.lastChild.remove();
-  while (grid.children.length < count) grid.append(Object.assign(document.createElement("img"), { alt: "x̂₀" }));
+  while (grid.children.length < count) {
+    grid.append(Object.assign(document.createElement("img"), { alt: "x̂₀ preview" }));
+  }
 }
 
 function downloadButton(label, path, filename) {
@@ -437,10 +280,10 @@ function setUp() {
     path: "/sample",
     body: (form) => {
       const steps = Number(form.get("steps"));
-      const request = { n: Number(form.get("n")), steps, sampler: form.get("sampler"), stream_every: previewEvery(steps) };
-      if (request.sampler === "ddim") request.eta = Number(form.get("eta"));
-      request.seed = seedFrom(form.get("seed"));
-      return request;
+      const sampler = form.get("sampler");
+      const request = { n: Number(form.get("n")), steps, sampler, seed: seedFrom(form.get("seed")) };
+      if (sampler === "ddim") request.eta = Number(form.get("eta"));
+      return { ...request, stream_every: previewEvery(steps) };
     },
     columns: square,
     done: remember,
@@ -459,7 +302,10 @@ function setUp() {
       return { a, b, t, num: interpolation.columns, seed: randomSeed(), stream_every: previewEvery(steps) };
     },
     // While the ends are being sampled the previews are those two images; then the t × λ grid.
-    columns: (count) => (count === interpolation.rows * interpolation.columns ? interpolation.columns : count),
+    columns: (count) => {
+      const { rows, columns } = interpolation;
+      return count === rows * columns ? columns : count;
+    },
   });
 
   jobPanel($("#reconstruct"), {
