@@ -273,8 +273,11 @@ def serve_main(argv: list[str] | None = None) -> None:
     serve(argv)
 
 
-def worker_main() -> None:
-    print("ddpm-worker: not yet (distributed mode lands with its issue)")
+def worker_main(argv: list[str] | None = None) -> None:
+    """`ddpm-worker [--model REF]... [--device D] [--name N] [--metrics-port P]` (see app/worker/main.py)."""
+    from app.worker.main import main as work
+
+    work(argv)
 
 
 if __name__ == "__main__":

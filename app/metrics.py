@@ -63,3 +63,31 @@ def update_device_memory() -> None:
         return
     for index in range(torch.cuda.device_count()):
         DEVICE_MEMORY_BYTES.labels(device=f"cuda:{index}").set(torch.cuda.memory_allocated(index))
+
+
+# Distributed mode: the queues (refreshed by each worker every heartbeat) and what workers do with them.
+QUEUE_WAITING = Gauge(
+    "ddpm_queue_waiting", "Jobs queued and not yet claimed by any worker, by model", ["model"]
+)
+QUEUE_LAG = Gauge(
+    "ddpm_queue_lag",
+    "Consumer-group lag of the model's queue stream (what KEDA scales workers on)",
+    ["model"],
+)
+QUEUE_PENDING = Gauge(
+    "ddpm_queue_pending", "Jobs claimed by workers and not yet acknowledged (in flight), by model", ["model"]
+)
+WORKER_CLAIMED = Gauge("ddpm_worker_claimed_jobs", "Jobs this worker holds (running or about to)", ["model"])
+RECLAIMS = Counter(
+    "ddpm_worker_reclaims", "Queue entries this worker took over from a dead or stalled worker", ["model"]
+)
+DEAD_LETTERS = Counter(
+    "ddpm_worker_dead_letters",
+    "Jobs failed and moved to the dead-letter stream after too many deliveries",
+    ["model"],
+)
+DUPLICATE_ENDS = Counter(
+    "ddpm_worker_duplicate_ends",
+    "Jobs this worker finished that had already ended elsewhere (after a takeover): nothing was stored",
+    ["model"],
+)

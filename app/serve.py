@@ -1,4 +1,4 @@
-"""`ddpm-serve`: run the HTTP service (API + in-process engines) with uvicorn.
+"""`ddpm-serve`: run the HTTP service with uvicorn (API + in-process engines, or API only with Redis).
 
 Flags override `DDPM_*` environment variables; `--help` lists every variable with its default,
 generated from `Settings`, so the two never drift apart.
@@ -68,12 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from app.api import create_app
-    from app.jobs import DistributedModeUnavailable
 
-    try:
-        app = create_app(settings)
-    except DistributedModeUnavailable as e:
-        sys.exit(f"ddpm-serve: {e}")
+    app = create_app(settings)
     uvicorn.run(
         app,
         host=settings.host,

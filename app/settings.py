@@ -8,10 +8,13 @@ keep API.md's promises, so a bad deployment fails at start-up instead of at the 
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from app.engine.fastpath import FastPath
 
 MIN_API_KEY_LENGTH = 16
 MAX_HEARTBEAT_SECONDS = 15.0  # API.md: "a comment heartbeat at least every 15 s"
@@ -51,9 +54,30 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None,
         repr=False,  # may carry a password
-        description="Redis URL for distributed mode (not implemented yet: setting it stops start-up)",
+        description="Redis URL: distributed mode (stateless API, engines in ddpm-worker processes; "
+        "docs/distributed.md); none = embedded (engines in this process)",
     )
     max_batch: int = Field(64, ge=1, le=4096, description="most image slots one engine denoises per step")
+    engine_policy: Literal["step", "request", "serial"] = Field(
+        "step",
+        description="how jobs share an engine's batch: step = join between any two steps (continuous "
+        "batching); request = join only an empty batch, and jobs admitted together finish together; "
+        "serial = one job at a time. The same seeds give the same images under every policy",
+    )
+    channels_last: bool = Field(False, description="run the U-Net on NHWC (channels_last) activations")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="U-Net autocast dtype: bfloat16/float16 run convolutions and matmuls in 16 bits "
+        "(float16 on CUDA only); ε, the update and the schedule stay float32/float64",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the U-Net (static shapes, batches padded to powers of two up to "
+        "max_batch) and the per-row update; every size is compiled at start-up, which takes minutes",
+    )
+    cuda_graphs: bool = Field(
+        False, description="replay one CUDA graph per batch size (as for compile), captured at start-up"
+    )
     max_images: int = Field(64, ge=1, le=4096, description="most images one request may ask for (n)")
     max_steps: int | None = Field(
         None,
@@ -83,6 +107,35 @@ class Settings(BaseSettings):
         4096 * 4096, ge=1, description="Pillow decompression-bomb limit for uploaded images (pixels)"
     )
     log_level: str = Field("info", description=f"one of {', '.join(LOG_LEVELS)}")
+    # Distributed mode (DDPM_REDIS_URL set): workers and their queue.
+    worker_name: str | None = Field(
+        None,
+        description="ddpm-worker: its consumer name in the queue group, unique per worker; none = HOST-PID",
+    )
+    worker_metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="ddpm-worker: serve Prometheus /metrics on this port; none = off"
+    )
+    worker_heartbeat_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="ddpm-worker: seconds between heartbeats (liveness, in-flight jobs kept claimed)",
+    )
+    reclaim_idle_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="a job whose worker stopped heartbeating this long is taken over by another worker and "
+        "restarted from scratch; at least 3 heartbeats",
+    )
+    max_deliveries: int = Field(
+        3,
+        ge=1,
+        description="times a job is handed to a worker before it fails and goes to the dead-letter stream",
+    )
+    worker_grace_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="ddpm-worker: on SIGTERM, seconds to finish running jobs before handing back the rest",
+    )
 
     @field_validator("models", "api_keys", mode="before")
     @classmethod
@@ -130,6 +183,35 @@ class Settings(BaseSettings):
             except RuntimeError as e:
                 raise ValueError(f"not a torch device: {value!r}") from e
         return device
+
+    @model_validator(mode="after")
+    def _heartbeats_fit_in_reclaim(self) -> Settings:
+        # A live worker renews its claims every heartbeat: with fewer than 3 per reclaim period, one late
+        # heartbeat would let another worker take over (and redo) a job that is still running.
+        if self.reclaim_idle_seconds < 3 * self.worker_heartbeat_seconds:
+            raise ValueError(
+                f"reclaim_idle_seconds ({self.reclaim_idle_seconds}) must be at least 3 × "
+                f"worker_heartbeat_seconds ({self.worker_heartbeat_seconds})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fast_paths_fit_the_device(self) -> Settings:
+        # With device "auto" the engine checks again once the device is known (FastPath.check).
+        if self.device == "cpu" and (self.cuda_graphs or self.dtype == "float16"):
+            raise ValueError("cuda_graphs and dtype float16 need a CUDA device, and device is cpu")
+        return self
+
+    def fast_path(self) -> FastPath:
+        """The engines' fast-path options (app/engine/fastpath.py)."""
+        from app.engine.fastpath import FastPath
+
+        return FastPath(
+            channels_last=self.channels_last,
+            dtype=self.dtype,
+            compile=self.compile,
+            cuda_graphs=self.cuda_graphs,
+        )
 
     @property
     def auth_enabled(self) -> bool:

@@ -39,13 +39,13 @@ def test_flags_override_the_environment(monkeypatch):
     assert settings_from(build_parser().parse_args([])).models == ["env-model"]
 
 
-def test_bad_settings_and_redis_stop_start_up_with_a_message(monkeypatch):
+def test_bad_settings_stop_start_up_with_a_message(monkeypatch):
     monkeypatch.setenv("DDPM_API_KEYS", "short")
     with pytest.raises(SystemExit, match="16 characters"):
         main([])
     monkeypatch.delenv("DDPM_API_KEYS")
-    monkeypatch.setenv("DDPM_REDIS_URL", "redis://localhost:6379")
-    with pytest.raises(SystemExit, match="not implemented yet"):
+    monkeypatch.setenv("DDPM_RECLAIM_IDLE_SECONDS", "10")  # fewer than 3 heartbeats of 5 s
+    with pytest.raises(SystemExit, match="at least 3"):
         main([])
 
 

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from app.cli import BUNDLED_MODEL
-from app.jobs import DistributedModeUnavailable, MemoryJobStore, make_store
+from app.jobs import MemoryJobStore, make_store
 from app.settings import Settings
 
 KEY = "k" * 16
@@ -78,7 +78,15 @@ def test_auto_device_resolves_to_a_real_device():
     assert Settings(device="cpu").resolved_device() == "cpu"
 
 
-def test_redis_url_stops_start_up_until_distributed_mode_exists():
-    with pytest.raises(DistributedModeUnavailable, match="not implemented yet"):
-        make_store(Settings(redis_url="redis://localhost:6379/0"))
+def test_redis_url_selects_the_redis_store():
+    from app.jobs.redis_store import RedisJobStore
+
+    assert isinstance(make_store(Settings(redis_url="redis://localhost:6379/0")), RedisJobStore)
     assert isinstance(make_store(Settings()), MemoryJobStore)
+
+
+def test_a_reclaim_time_shorter_than_three_heartbeats_is_refused():
+    # A live worker's claims would look idle after one late heartbeat, and its jobs would run twice.
+    with pytest.raises(ValidationError, match="at least 3"):
+        Settings(worker_heartbeat_seconds=5, reclaim_idle_seconds=10)
+    assert Settings(worker_heartbeat_seconds=0.5, reclaim_idle_seconds=2).reclaim_idle_seconds == 2

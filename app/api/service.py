@@ -1,8 +1,8 @@
-"""What the routes do with jobs, apart from HTTP: admit, submit to an engine, wait, cancel, render.
+"""What the routes do with jobs, apart from HTTP: admit, submit, wait, cancel, render.
 
-One instance per app, built in the lifespan once the models are loaded; routes get it with
-`ServiceDep`. It speaks only to the `JobStore`, the `JobRunner` and the `EnginePool`, so the same
-code serves the Redis backend once that exists.
+One instance per app, built in the lifespan; routes get it with `ServiceDep`. It speaks only to the
+`JobStore` and a `Dispatcher` (app/api/dispatch.py: engines in this process, or Redis Streams read by
+workers), so the same code serves the embedded and the distributed mode.
 """
 
 from __future__ import annotations
@@ -10,45 +10,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import logging
 import math
 import secrets
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from app.api import schemas
+from app.api.dispatch import CancelOutcome, Dispatcher, ModelEntry, QueueFull, Unavailable
 from app.api.errors import ApiError, invalid, not_found
 from app.api.uploads import decode_image
 from app.engine.work import Work
 from app.jobs import EventType, InvalidTransition, JobNotFound, JobRecord, JobStore, Status
 from app.jobs.encoding import GRID, npy_bytes, npy_name, png_name
 from app.jobs.records import utcnow
-from app.jobs.runner import JobRunner
 from app.settings import Settings
 
-if TYPE_CHECKING:
-    from app.engine.pool import EnginePool
-    from app.nets import Checkpoint
-
-log = logging.getLogger(__name__)
+__all__ = ["JobService", "ModelEntry"]
 
 # A DELETE waits this long for the engine to confirm (it stops a running job within one step).
 CANCEL_WAIT_SECONDS = 30.0
 # Told to clients refused with 429: roughly the time for a busy queue to move on.
 RETRY_AFTER_SECONDS = 5
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    name: str
-    ckpt: Checkpoint
-    default: bool
-
-    @property
-    def timesteps(self) -> int:
-        return int(self.ckpt.scheduler.num_train_timesteps)
 
 
 def new_job_id() -> str:
@@ -58,25 +41,18 @@ def new_job_id() -> str:
 class JobService:
     """Job operations shared by every route."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        store: JobStore,
-        pool: EnginePool,
-        runner: JobRunner,
-        checkpoints: dict[str, Checkpoint],
-    ):
+    def __init__(self, settings: Settings, store: JobStore, dispatcher: Dispatcher):
         self.settings = settings
         self.store = store
-        self.pool = pool
-        self.runner = runner
-        self.models = {
-            name: ModelEntry(name, ckpt, name == pool.default) for name, ckpt in checkpoints.items()
-        }
+        self.dispatcher = dispatcher
+
+    @property
+    def models(self) -> dict[str, ModelEntry]:
+        return self.dispatcher.models()
 
     def model(self, name: str | None) -> ModelEntry:
         """The named model, or the default one; 404 naming the loaded models otherwise."""
-        entry = self.models.get(name if name is not None else self.pool.default)
+        entry = self.models.get(name if name is not None else (self.dispatcher.default_model() or ""))
         if entry is None:
             raise ApiError(404, "unknown_model", f"no model {name!r}; loaded: {', '.join(self.models)}")
         return entry
@@ -132,9 +108,6 @@ class JobService:
         data = await self.result(job, npy_name(index))
         return np.load(io.BytesIO(data), allow_pickle=False)[0]
 
-    def queued(self) -> int:
-        return sum(engine.queued for engine in self.pool.engines.values())
-
     async def submit(
         self,
         *,
@@ -148,37 +121,29 @@ class JobService:
         stream_every: int,
         owner: str | None,
     ) -> JobRecord:
-        """Create a queued job and hand it to its model's engine; 429 when the queue is full.
+        """Create a queued job and hand it to its model's engine or queue; 429 when the queue is full.
 
         `steps` is the job's engine steps in total (its progress denominator); `stream_every` the
         requested preview stride, recorded in both params as the stride it gets (`preview_every`).
         """
-        if not self.pool.engines[model].alive:
-            raise ApiError(503, "engine_unavailable", f"the {model} engine is not running; see /readyz")
-        if self.queued() >= self.settings.max_queued_jobs:
-            raise ApiError(
-                429,
-                "queue_full",
-                f"{self.settings.max_queued_jobs} jobs are already waiting; retry in a few seconds",
-                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-            )
         every = self.preview_every(steps, stream_every)
         params, work_params = {**params, "stream_every": every}, {**work_params, "stream_every": every}
         job = JobRecord(
             id=new_job_id(), kind=kind, model=model, params=params, seed=seed, owner=owner, steps=steps
         )
-        await self.store.create(job)
         work = Work(job_id=job.id, kind=kind, model=model, params=work_params, inputs=inputs or {})
-        self.runner.watch(work)
         try:
-            self.pool.submit(work)
-        except Exception as e:
-            log.exception("job %s: the engine refused it", job.id)
-            self.runner.forget(job.id)
-            await self._end(job.id, Status.FAILED, error={"code": "engine_unavailable", "message": str(e)})
+            await self.dispatcher.submit(job, work)
+        except QueueFull:
             raise ApiError(
-                503, "engine_unavailable", f"the {model} engine is not running; see /readyz"
-            ) from e
+                429,
+                "queue_full",
+                f"{self.settings.max_queued_jobs} jobs are already waiting; retry in a few seconds",
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            ) from None
+        except Unavailable as e:
+            await self._end(job.id, Status.FAILED, error={"code": "engine_unavailable", "message": str(e)})
+            raise ApiError(503, "engine_unavailable", str(e)) from e
         return job
 
     async def get(self, job_id: str, owner: str | None) -> JobRecord:
@@ -201,19 +166,20 @@ class JobService:
         """Cancel a job and return it once it has ended (cancelled, or whatever it ended as first)."""
         if job.status.terminal:
             return job
-        engine = self.pool.engines.get(job.model)
-        if engine is not None and engine.alive:
-            # A job the engine does not know is either ending right now (its end is on its way to the
-            # store) or between the queue and its first step: look again after a moment.
-            for _ in range(2):
-                accepted = await asyncio.to_thread(self.pool.cancel, job.id, job.model)
-                await self.wait(job.id, CANCEL_WAIT_SECONDS if accepted else 1.0)
-                current = await self.get(job.id, job.owner)
-                if current.status.terminal:
-                    return current
-                if accepted:
-                    break  # accepted but not confirmed in time: the engine is stuck
-        # The engine cannot end it (it died, or never received the job): end the job here.
+        # A job the engine does not know is either ending right now (its end is on its way to the
+        # store) or between the queue and its first step: look again after a moment.
+        for _ in range(2):
+            outcome = await self.dispatcher.cancel(job)
+            if outcome is CancelOutcome.NO_RUNNER:
+                break
+            accepted = outcome is CancelOutcome.REQUESTED
+            await self.wait(job.id, CANCEL_WAIT_SECONDS if accepted else 1.0)
+            current = await self.get(job.id, job.owner)
+            if current.status.terminal:
+                return current
+            if accepted:
+                break  # accepted but not confirmed in time: the engine (or worker) is stuck
+        # Nothing can end it (the engine died, or never received the job): end the job here.
         await self._end(job.id, Status.CANCELLED)
         return await self.get(job.id, job.owner)
 
@@ -248,11 +214,7 @@ class JobService:
         return npy_bytes(np.concatenate([np.load(io.BytesIO(b), allow_pickle=False) for b in blobs]))
 
     def queue_position(self, job: JobRecord) -> int | None:
-        if job.status is not Status.QUEUED:
-            return None
-        engine = self.pool.engines.get(job.model)
-        position = engine.queue_position(job.id) if engine is not None else None
-        return None if position is None else position + 1
+        return self.dispatcher.queue_position(job) if job.status is Status.QUEUED else None
 
     def render(self, job: JobRecord) -> schemas.Job:
         """The public job object of API.md: URLs, queue position and result links added."""

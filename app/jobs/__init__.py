@@ -8,22 +8,16 @@ from app.jobs.store import InvalidTransition, JobNotFound, JobStore
 from app.settings import Settings
 
 
-class DistributedModeUnavailable(RuntimeError):
-    """DDPM_REDIS_URL is set, but the Redis backend is not implemented yet."""
-
-
 def make_store(settings: Settings) -> JobStore:
-    """The store the settings ask for: in-process now; Redis Streams when its issue lands."""
+    """The store the settings ask for: Redis with DDPM_REDIS_URL (distributed mode), else in-process."""
     if settings.redis_url:
-        raise DistributedModeUnavailable(
-            "DDPM_REDIS_URL is set, but distributed mode (Redis) is not implemented yet; "
-            "unset it to run embedded (one process, in-process job store)"
-        )
+        from app.jobs.redis_store import RedisJobStore
+
+        return RedisJobStore.from_url(settings.redis_url, settings.job_ttl_seconds)
     return MemoryJobStore(ttl_seconds=settings.job_ttl_seconds)
 
 
 __all__ = [
-    "DistributedModeUnavailable",
     "Event",
     "EventType",
     "InvalidTransition",

@@ -45,7 +45,7 @@ class _Watched:
     steps: int = 0  # known once the engine starts the job
 
 
-def _grid_columns(work: Work) -> int | None:
+def grid_columns(work: Work) -> int | None:
     # Interpolation grids have one row per t and one column per λ (API.md); others are near-square.
     lambdas = work.params.get("lambdas")
     return len(lambdas) if work.kind == "interpolate" and lambdas else None
@@ -70,7 +70,7 @@ class JobRunner:
             kind=work.kind,
             model=work.model,
             stream_every=int(work.params.get("stream_every", 0)),
-            grid_columns=_grid_columns(work),
+            grid_columns=grid_columns(work),
             submitted=time.monotonic(),
         )
         with self._lock:

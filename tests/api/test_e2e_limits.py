@@ -92,7 +92,7 @@ def test_jobs_expire_and_an_engine_that_stopped_makes_readyz_503(model_dirs):
             assert client.get(path).status_code == 404
 
         queued = client.post("/sample", json={"steps": 1000, "stream_every": 0}).json()
-        live.app.state.service.pool.stop(5)  # as if the engine thread had died
+        live.app.state.service.dispatcher.pool.stop(5)  # as if the engine thread had died
         response = client.get("/readyz")
         assert response.status_code == 503 and "tiny" in response.json()["error"]["message"]
         refused = client.post("/sample", json={"steps": 2})

@@ -1,4 +1,4 @@
-"""GET /healthz (the process answers) and GET /readyz (it can serve: models loaded, engines running)."""
+"""GET /healthz (the process answers) and GET /readyz (it can serve: engines run, or Redis and workers)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ async def healthz() -> schemas.Health:
 
 @router.get("/readyz", response_model=schemas.Ready, responses=errors(503))
 async def readyz(request: Request) -> schemas.Ready:
-    """200 when a model is loaded and every engine thread is alive; 503 saying which is not."""
+    """200 when a model is loaded and its engines run (embedded), or when Redis answers and a worker has a
+    live heartbeat (distributed); 503 saying which is not."""
     service = request.app.state.service
     if service is None:
         raise ApiError(503, "not_ready", "no model is loaded yet")
-    dead = [name for name, engine in service.pool.engines.items() if not engine.alive]
-    if dead:
-        raise ApiError(503, "not_ready", f"engine not running for model(s): {', '.join(dead)}")
+    reason = await service.dispatcher.unready()
+    if reason is not None:
+        raise ApiError(503, "not_ready", reason)
     return schemas.Ready(models=list(service.models))

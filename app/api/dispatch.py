@@ -1,0 +1,158 @@
+"""Where the API sends its jobs: one small interface, two implementations.
+
+- `LocalDispatcher` (embedded mode): the models are loaded in this process and run by an `EnginePool`
+  whose listener, the `JobRunner`, records progress in the store.
+- `RedisDispatcher` (distributed mode, app/api/redis_dispatch.py): jobs go to a Redis Stream per model
+  and `ddpm-worker` processes run them; this process loads no model.
+
+`JobService` speaks only to this interface and the `JobStore`, so every route works the same in both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Protocol
+
+from app.engine.work import Work
+from app.jobs import JobRecord, JobStore
+from app.jobs.runner import JobRunner
+from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.engine.pool import EnginePool
+    from app.jobs.registry import ModelSpec
+    from app.nets import Checkpoint
+
+log = logging.getLogger(__name__)
+
+ENGINE_STOP_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model requests can name: its checkpoint (embedded) or the spec its workers published (distributed).
+    Both give `resolution`, `channels`, `scheduler`, `num_parameters` and `source`."""
+
+    name: str
+    ckpt: Checkpoint | ModelSpec
+    default: bool
+
+    @property
+    def timesteps(self) -> int:
+        return int(self.ckpt.scheduler.num_train_timesteps)
+
+
+class QueueFull(Exception):
+    """Too many jobs are waiting (max_queued_jobs)."""
+
+
+class Unavailable(Exception):
+    """Nothing can run the job now (the message says why)."""
+
+
+class CancelOutcome(Enum):
+    REQUESTED = "requested"  # whoever runs (or queues) the job will end it
+    NOT_FOUND = "not_found"  # the runner does not know it (yet, or any more): look again shortly
+    NO_RUNNER = "no_runner"  # nothing can end it: the API ends it itself
+
+
+class Dispatcher(Protocol):
+    def models(self) -> dict[str, ModelEntry]:
+        """The models requests may name."""
+
+    def default_model(self) -> str | None: ...
+
+    async def unready(self) -> str | None:
+        """Why the service cannot serve now (for /readyz), or None when it can."""
+
+    async def submit(self, job: JobRecord, work: Work) -> None:
+        """Record the queued `job` and hand its `work` on; QueueFull or Unavailable when it cannot."""
+
+    async def cancel(self, job: JobRecord) -> CancelOutcome:
+        """Ask whoever holds the job to end it as cancelled."""
+
+    def queue_position(self, job: JobRecord) -> int | None:
+        """1-based place of a queued job in its model's queue, when known."""
+
+    async def close(self) -> None: ...
+
+
+class LocalDispatcher:
+    """Embedded mode: engines in this process."""
+
+    def __init__(self, settings: Settings, store: JobStore, pool: EnginePool, runner: JobRunner):
+        self.settings = settings
+        self.store = store
+        self.pool = pool
+        self.runner = runner
+        self._models = {
+            name: ModelEntry(name, engine.ckpt, name == pool.default) for name, engine in pool.engines.items()
+        }
+
+    @classmethod
+    async def open(
+        cls, settings: Settings, store: JobStore, checkpoints: dict[str, Checkpoint] | None
+    ) -> LocalDispatcher:
+        """Load the models (off the event loop, unless given) and start one engine thread per model."""
+        from app.engine.pool import EnginePool
+        from app.loading import load_models
+
+        loaded = checkpoints if checkpoints is not None else await asyncio.to_thread(load_models, settings)
+        runner = JobRunner(store, asyncio.get_running_loop())
+        pool = EnginePool(
+            loaded,
+            listener=runner,
+            max_batch=settings.max_batch,
+            policy=settings.engine_policy,
+            fast=settings.fast_path(),
+        )
+        pool.start()
+        return cls(settings, store, pool, runner)
+
+    def models(self) -> dict[str, ModelEntry]:
+        return self._models
+
+    def default_model(self) -> str | None:
+        return self.pool.default
+
+    async def unready(self) -> str | None:
+        dead = [name for name, engine in self.pool.engines.items() if not engine.alive]
+        return f"engine not running for model(s): {', '.join(dead)}" if dead else None
+
+    def queued(self) -> int:
+        return sum(engine.queued for engine in self.pool.engines.values())
+
+    async def submit(self, job: JobRecord, work: Work) -> None:
+        if not self.pool.engines[job.model].alive:
+            raise Unavailable(f"the {job.model} engine is not running; see /readyz")
+        if self.queued() >= self.settings.max_queued_jobs:
+            raise QueueFull
+        await self.store.create(job)
+        self.runner.watch(work)
+        try:
+            self.pool.submit(work)
+        except Exception as e:
+            log.exception("job %s: the engine refused it", job.id)
+            self.runner.forget(job.id)
+            raise Unavailable(f"the {job.model} engine is not running; see /readyz") from e
+
+    async def cancel(self, job: JobRecord) -> CancelOutcome:
+        engine = self.pool.engines.get(job.model)
+        if engine is None or not engine.alive:
+            return CancelOutcome.NO_RUNNER
+        accepted = await asyncio.to_thread(self.pool.cancel, job.id, job.model)
+        return CancelOutcome.REQUESTED if accepted else CancelOutcome.NOT_FOUND
+
+    def queue_position(self, job: JobRecord) -> int | None:
+        engine = self.pool.engines.get(job.model)
+        position = engine.queue_position(job.id) if engine is not None else None
+        return None if position is None else position + 1
+
+    async def close(self) -> None:
+        """Stop the engines, then flush what they reported."""
+        await asyncio.to_thread(self.pool.stop, ENGINE_STOP_SECONDS)
+        await asyncio.to_thread(self.runner.close)
+        await self.runner.drain()

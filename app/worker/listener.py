@@ -1,0 +1,230 @@
+"""The engine's `Listener` in a worker: engine callbacks become Redis writes, off the engine thread.
+
+Callbacks capture what they need and hand off to a writer thread (one per job, picked by a hash of its
+id, so a job's writes stay in order); there the tensors are encoded (app/jobs/encoding.py) and written.
+Progress is best effort (dropped while Redis is away); a job's start and end are retried until Redis
+answers or the worker's shutdown deadline passes. A job ends through `JobWriter.end`, which stores its
+result only if it has not ended yet, and only then is its queue entry acknowledged (`on_end`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from redis.exceptions import RedisError
+
+from app import metrics
+from app.engine.work import Work
+from app.jobs.encoding import preview_pngs, result_blobs
+from app.jobs.records import EventType, Status, utcnow
+from app.jobs.redis_writer import ENDED, JobWriter
+from app.jobs.runner import grid_columns
+from app.jobs.store import InvalidTransition, JobNotFound
+
+log = logging.getLogger(__name__)
+
+_BACKOFF_START, _BACKOFF_MAX = 0.1, 2.0
+
+
+@dataclass
+class _Watched:
+    work: Work
+    steps: int = 0  # known once the engine starts the job
+    dropped: bool = False  # handed back or taken over: a cancellation here is not the user's
+
+
+class RedisListener:
+    """Writes what the engines report into Redis. `on_end(job_id, acknowledge)` is called once per job
+    that ended here (acknowledge: whether its queue entry is done with), from a writer thread."""
+
+    def __init__(self, writer: JobWriter, *, on_end: Callable[[str, bool], None], threads: int = 2):
+        self._writer = writer
+        self._on_end = on_end
+        self._threads = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ddpm-writer-{i}") for i in range(threads)
+        ]
+        self._jobs: dict[str, _Watched] = {}
+        self._lock = threading.Lock()  # guards _jobs: the claim loop, engine and heartbeat threads use it
+        self._deadline: float | None = None  # time.monotonic() after which retries give up
+
+    def watch(self, work: Work) -> None:
+        """Register a job before submitting it to the engine."""
+        with self._lock:
+            self._jobs[work.job_id] = _Watched(work)
+
+    def drop(self, job_id: str) -> None:
+        """The job is no longer this worker's (handed back, or taken over): its engine cancellation, which
+        the caller asks for next, releases its slot without recording anything."""
+        with self._lock:
+            if job_id in self._jobs:
+                self._jobs[job_id].dropped = True
+
+    # Listener: called on an engine thread.
+
+    def on_started(self, job_id: str, steps: int) -> None:
+        with self._lock:
+            if job_id in self._jobs:
+                self._jobs[job_id].steps = steps
+        started = utcnow()
+
+        def write() -> None:
+            try:
+                self._retry(
+                    lambda: self._writer.update(
+                        job_id, status=Status.RUNNING, started_at=started, step=0, steps=steps
+                    )
+                )
+            except (JobNotFound, InvalidTransition) as e:
+                log.info("job %s: not marked running: %s", job_id, e)  # cancelled or expired: polled soon
+
+        self._post(job_id, write)
+
+    def on_progress(
+        self, job_id: str, step: int, steps: int, t: int, x0: torch.Tensor | None, xt: torch.Tensor | None
+    ) -> None:
+        def write() -> None:
+            preview = None
+            if x0 is not None and xt is not None:
+                preview = {
+                    "step": step,
+                    "steps": steps,
+                    "t": t,
+                    "x0": preview_pngs(x0),
+                    "xt": preview_pngs(xt),
+                }
+            try:
+                self._writer.progress(job_id, step, steps, preview)
+            except RedisError as e:
+                log.debug("job %s: progress dropped: %s", job_id, e)
+
+        self._post(job_id, write)
+
+    def on_finished(self, job_id: str, images: torch.Tensor, extra: dict[str, Any]) -> None:
+        watched, finished = self._forget(job_id), utcnow()
+        work, steps = (watched.work, watched.steps) if watched is not None else (None, 0)
+
+        def write() -> None:
+            blobs = result_blobs(images, grid_columns=grid_columns(work) if work is not None else None)
+            count = int(images.shape[0])
+            fields = {
+                "finished_at": finished,
+                "result": {**extra, "image_count": count},
+                "step": steps,
+                "steps": steps,
+            }
+            event = (EventType.DONE, {"status": str(Status.SUCCEEDED)})
+            self._end(job_id, work, Status.SUCCEEDED, event, fields, blobs, images=count)
+
+        self._post(job_id, write)
+
+    def on_failed(self, job_id: str, code: str, message: str) -> None:
+        watched, finished = self._forget(job_id), utcnow()
+        work = watched.work if watched is not None else None
+        error = {"code": code, "message": message}
+
+        def write() -> None:
+            self._end(
+                job_id,
+                work,
+                Status.FAILED,
+                (EventType.ERROR, error),
+                {"finished_at": finished, "error": error},
+            )
+
+        self._post(job_id, write)
+
+    def on_cancelled(self, job_id: str) -> None:
+        watched, finished = self._forget(job_id), utcnow()
+        work = watched.work if watched is not None else None
+        if watched is not None and watched.dropped:  # stopped here, not cancelled: someone else runs it
+            self._post(job_id, lambda: self._on_end(job_id, False))
+            return
+
+        def write() -> None:
+            event = (EventType.DONE, {"status": str(Status.CANCELLED)})
+            self._end(job_id, work, Status.CANCELLED, event, {"finished_at": finished})
+
+        self._post(job_id, write)
+
+    # On a writer thread.
+
+    def _end(
+        self,
+        job_id: str,
+        work: Work | None,
+        status: Status,
+        event: tuple[EventType, dict[str, Any]],
+        fields: dict[str, Any],
+        blobs: dict[str, bytes] | None = None,
+        *,
+        images: int = 0,
+    ) -> None:
+        try:
+            outcome = self._retry(lambda: self._writer.end(job_id, status, event, fields, blobs))
+        except RedisError:
+            log.warning(
+                "job %s: could not record its end before shutdown; another worker will redo it", job_id
+            )
+            self._on_end(job_id, False)
+            return
+        if outcome == ENDED and work is not None:
+            metrics.JOBS.labels(kind=work.kind, outcome=str(status)).inc()
+            if images:
+                metrics.IMAGES.labels(model=work.model).inc(images)
+        elif outcome != ENDED:
+            log.info(
+                "job %s: %s here, but it had already ended (%s): nothing stored", job_id, status, outcome
+            )
+            if work is not None:
+                metrics.DUPLICATE_ENDS.labels(model=work.model).inc()
+        try:
+            self._retry(lambda: self._on_end(job_id, True))
+        except RedisError:
+            log.warning(
+                "job %s: ended, but its queue entry could not be acknowledged; it will be again", job_id
+            )
+
+    def _retry(self, write: Callable[[], Any]) -> Any:
+        """`write()`, retried while Redis is unreachable, until the shutdown deadline (if one is set)."""
+        delay = _BACKOFF_START
+        while True:
+            try:
+                return write()
+            except RedisError as e:
+                if self._deadline is not None and time.monotonic() + delay > self._deadline:
+                    raise
+                log.warning("Redis write failed (%s); retrying in %.1f s", e, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, _BACKOFF_MAX)
+
+    def _forget(self, job_id: str) -> _Watched | None:
+        with self._lock:
+            return self._jobs.pop(job_id, None)
+
+    def _post(self, job_id: str, write: Callable[[], None]) -> None:
+        thread = self._threads[zlib.crc32(job_id.encode()) % len(self._threads)]
+        try:
+            thread.submit(self._guarded, job_id, write)
+        except RuntimeError:
+            log.warning("job %s: update after the writers closed, dropped", job_id)
+
+    @staticmethod
+    def _guarded(job_id: str, write: Callable[[], None]) -> None:
+        try:
+            write()
+        except Exception:
+            log.exception("job %s: could not record an engine update", job_id)
+
+    def close(self, deadline: float) -> None:
+        """Flush pending writes, retrying failed ones until `deadline` (time.monotonic())."""
+        self._deadline = deadline
+        for thread in self._threads:
+            thread.shutdown(wait=True)

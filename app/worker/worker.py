@@ -1,0 +1,331 @@
+"""A worker process of distributed mode: engines fed from the Redis queues of the models it loaded.
+
+Threads: the claim loop (the caller's), one engine per model, the listener's writers, a heartbeat
+(liveness key, claims kept fresh, queue metrics) and a cancel poller. The claim loop reads a new entry
+only while the engines have free rows, so busy workers leave work to idle ones, and takes over entries
+idle past the reclaim time (their worker died) between reads. `stop()` (SIGTERM) ends claiming, lets
+running jobs finish within the grace period, hands the rest back for others to take over, and returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import redis
+from redis.exceptions import RedisError
+
+from app import metrics
+from app.engine.engine import rows_needed
+from app.engine.pool import EnginePool
+from app.engine.work import Work
+from app.jobs import registry
+from app.jobs.records import EventType, Status, utcnow
+from app.jobs.redis_keys import Keys
+from app.jobs.redis_lua import ttl_ms
+from app.jobs.redis_writer import JobWriter
+from app.jobs.work_codec import work_from
+from app.nets import Checkpoint
+from app.settings import Settings
+from app.worker.consumer import Delivery, QueueConsumer
+from app.worker.listener import RedisListener
+
+log = logging.getLogger(__name__)
+
+CANCEL_POLL_SECONDS = 0.1  # a running job sees its cancellation within about one step
+READ_BLOCK_MS = 500  # how long one XREADGROUP waits: bounds how late SIGTERM or a freed row is noticed
+HANDED_BACK_WAIT_SECONDS = 5.0  # for the engines to drop the jobs handed back at shutdown
+
+
+def default_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(eq=False)
+class Claim:
+    """A job this worker took from the queue and has not finished with."""
+
+    delivery: Delivery
+    work: Work
+    rows: int
+    cancel_sent: bool = False
+    dropped: bool = False
+
+
+class Worker:
+    """Runs the engines of `checkpoints` on jobs from Redis until `stop()`."""
+
+    def __init__(
+        self, settings: Settings, checkpoints: dict[str, Checkpoint], client: redis.Redis, *, name: str
+    ):
+        self.settings = settings
+        self.name = name
+        self.redis = client
+        self.keys = Keys()
+        self.writer = JobWriter(client, settings.job_ttl_seconds, keys=self.keys)
+        self.queue = QueueConsumer(
+            client,
+            self.keys,
+            name=name,
+            models=list(checkpoints),
+            reclaim_idle_ms=ttl_ms(settings.reclaim_idle_seconds),
+            max_deliveries=settings.max_deliveries,
+        )
+        self.listener = RedisListener(self.writer, on_end=self._ended)
+        self.pool = EnginePool(
+            checkpoints,
+            listener=self.listener,
+            max_batch=settings.max_batch,
+            policy=settings.engine_policy,
+            fast=settings.fast_path(),
+        )
+        self.info = registry.WorkerInfo(
+            name=name,
+            models=list(checkpoints),
+            device=settings.resolved_device(),
+            max_batch=settings.max_batch,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            started_at=time.time(),
+        )
+        self.specs = [registry.ModelSpec.of(ckpt) for ckpt in checkpoints.values()]
+        self._claims: dict[str, Claim] = {}
+        self._changed = threading.Condition()  # guards _claims; notified when a claim ends
+        self._stopping = threading.Event()  # no more claiming
+        self._done = threading.Event()  # side threads end
+        self._heartbeat_ttl = ttl_ms(3 * settings.worker_heartbeat_seconds)
+
+    # ---- life cycle ----------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask `run` to wind down (safe from a signal handler: it only sets a flag)."""
+        self._stopping.set()
+
+    def run(self) -> None:
+        """Serve until `stop()`, then shut down gracefully; returns when everything has stopped."""
+        self.pool.start()
+        self._until_connected(self._announce)
+        threads = [
+            threading.Thread(target=self._heartbeat_loop, name="ddpm-heartbeat", daemon=True),
+            threading.Thread(target=self._cancel_loop, name="ddpm-cancel-poll", daemon=True),
+        ]
+        for thread in threads:
+            thread.start()
+        log.info("worker %s: serving %s", self.name, ", ".join(self.info.models))  # not the URL: a password
+        try:
+            self._claim_loop()
+        finally:
+            self._shutdown()
+            self._done.set()
+            for thread in threads:
+                thread.join(5)
+
+    def _announce(self) -> None:
+        registry.publish(self.redis, self.keys, self.info, self.specs, self._heartbeat_ttl)
+        self.queue.ensure_groups()
+        self._start_all(self.queue.own_leftovers())
+
+    def _until_connected(self, step) -> None:
+        delay = 0.1
+        while not self._stopping.is_set():
+            try:
+                step()
+                return
+            except RedisError as e:
+                log.warning("worker %s: Redis unavailable (%s); retrying in %.1f s", self.name, e, delay)
+                self._stopping.wait(delay)
+                delay = min(delay * 2, 2.0)
+
+    # ---- claiming ------------------------------------------------------------------------------
+    def free_rows(self) -> int:
+        with self._changed:
+            return self.settings.max_batch - sum(c.rows for c in self._claims.values())
+
+    def _claim_loop(self) -> None:
+        next_takeover = 0.0
+        delay = 0.1
+        while not self._stopping.is_set():
+            try:
+                free = self.free_rows()
+                if free <= 0:
+                    with self._changed:
+                        self._changed.wait(READ_BLOCK_MS / 1000)
+                    continue
+                if time.monotonic() >= next_takeover:
+                    next_takeover = time.monotonic() + self.settings.worker_heartbeat_seconds
+                    self._start_all(self.queue.take_over(free))
+                    continue  # free rows changed
+                self._start_all(self.queue.read(count=1, block_ms=READ_BLOCK_MS))
+                delay = 0.1
+            except RedisError as e:
+                log.warning("worker %s: Redis unavailable (%s); retrying in %.1f s", self.name, e, delay)
+                self._stopping.wait(delay)
+                delay = min(delay * 2, 2.0)
+
+    def _start_all(self, deliveries: list[Delivery]) -> None:
+        for delivery in deliveries:
+            if delivery.reclaimed:
+                metrics.RECLAIMS.labels(model=delivery.model).inc()
+                log.info(
+                    "worker %s: took over job %s (delivery %d)",
+                    self.name,
+                    delivery.job_id,
+                    delivery.deliveries,
+                )
+            self._start(delivery)
+
+    def _start(self, delivery: Delivery) -> None:
+        job_id = delivery.job_id
+        if delivery.deliveries > self.settings.max_deliveries:
+            self._dead_letter(delivery)
+            return
+        status = self.writer.status(job_id)
+        if status is None or status.terminal:  # expired, or cancelled while queued: nothing to run
+            self.queue.ack(delivery)
+            return
+        try:
+            work = work_from(delivery.fields, self.writer.inputs(job_id))
+            rows = rows_needed(work)
+        except (KeyError, ValueError) as e:
+            self._fail(delivery, "invalid_job", f"the queued job could not be read: {e}")
+            return
+        with self._changed:
+            self._claims[job_id] = Claim(delivery, work, rows)
+            metrics.WORKER_CLAIMED.labels(model=work.model).inc()
+        self.listener.watch(work)
+        self.pool.submit(work)
+
+    def _dead_letter(self, delivery: Delivery) -> None:
+        key = self.queue.dead_letter(delivery, "too many deliveries")
+        metrics.DEAD_LETTERS.labels(model=delivery.model).inc()
+        message = (
+            f"the job was handed to a worker {delivery.deliveries} times and each stopped before "
+            f"finishing it (max_deliveries = {self.settings.max_deliveries}); "
+            f"it was moved to the dead-letter stream {key}"
+        )
+        log.error("job %s: %s", delivery.job_id, message)
+        self._fail(delivery, "worker_lost", message)
+
+    def _fail(self, delivery: Delivery, code: str, message: str) -> None:
+        error = {"code": code, "message": message}
+        fields = {"finished_at": utcnow(), "error": error}
+        self.writer.end(delivery.job_id, Status.FAILED, (EventType.ERROR, error), fields)
+        self.queue.ack(delivery)
+
+    def _ended(self, job_id: str, acknowledge: bool) -> None:
+        """A job ended here (listener callback, on a writer thread): free its rows, finish its entry."""
+        with self._changed:
+            claim = self._claims.pop(job_id, None)
+            self._changed.notify_all()
+        if claim is None:
+            return
+        metrics.WORKER_CLAIMED.labels(model=claim.work.model).dec()
+        if acknowledge:
+            self.queue.ack(claim.delivery)
+
+    # ---- side threads --------------------------------------------------------------------------
+    def _heartbeat_loop(self) -> None:
+        while not self._done.wait(self.settings.worker_heartbeat_seconds):
+            try:
+                registry.heartbeat(self.redis, self.keys, self.info, self._heartbeat_ttl)
+                self._keep_claims()
+                for model, stats in self.queue.stats().items():
+                    metrics.QUEUE_WAITING.labels(model=model).set(stats.waiting)
+                    metrics.QUEUE_PENDING.labels(model=model).set(stats.pending)
+                    metrics.QUEUE_LAG.labels(model=model).set(stats.lag)
+            except RedisError as e:
+                log.warning("worker %s: heartbeat failed: %s", self.name, e)
+
+    def _entries(self) -> dict[str, list[str]]:
+        """This worker's live claims as queue -> entry ids."""
+        entries: dict[str, list[str]] = {}
+        with self._changed:
+            for claim in self._claims.values():
+                if not claim.dropped:
+                    entries.setdefault(claim.delivery.queue, []).append(claim.delivery.entry_id)
+        return entries
+
+    def _keep_claims(self) -> None:
+        """Renew this worker's claims; stop the jobs another worker took over (this one stalled)."""
+        lost = self.queue.keep_alive(self._entries())
+        if lost:
+            with self._changed:
+                taken = [c for c in self._claims.values() if c.delivery.entry_id in lost]
+            for claim in taken:
+                log.warning(
+                    "worker %s: job %s was taken over by another worker; stopping it here",
+                    self.name,
+                    claim.work.job_id,
+                )
+                self._drop(claim)
+
+    def _drop(self, claim: Claim) -> None:
+        claim.dropped = True
+        self.listener.drop(claim.work.job_id)
+        self.pool.cancel(claim.work.job_id, claim.work.model)
+
+    def _cancel_loop(self) -> None:
+        while not self._done.wait(CANCEL_POLL_SECONDS):
+            with self._changed:
+                watched = {
+                    job_id: c for job_id, c in self._claims.items() if not (c.cancel_sent or c.dropped)
+                }
+            if not watched:
+                continue
+            try:
+                stop = self.writer.to_stop(list(watched))
+            except RedisError:
+                continue  # the heartbeat logs Redis outages
+            for job_id in stop:
+                claim = watched[job_id]
+                claim.cancel_sent = self.pool.cancel(job_id, claim.work.model)
+
+    # ---- shutdown ------------------------------------------------------------------------------
+    def _shutdown(self) -> None:
+        deadline = time.monotonic() + self.settings.worker_grace_seconds
+        with self._changed:
+            if self._claims:
+                log.info(
+                    "worker %s: finishing %d job(s) (grace %.0f s)",
+                    self.name,
+                    len(self._claims),
+                    self.settings.worker_grace_seconds,
+                )
+            while self._claims and time.monotonic() < deadline:
+                self._changed.wait(max(0.0, min(0.5, deadline - time.monotonic())))
+            remaining = list(self._claims.values())
+        if remaining:
+            log.info("worker %s: handing back %d job(s)", self.name, len(remaining))
+            for claim in remaining:
+                claim.dropped = True
+                self.listener.drop(claim.work.job_id)
+            try:
+                self.queue.hand_back(self._entries_of(remaining))
+            except RedisError as e:
+                log.warning(
+                    "worker %s: could not hand back (%s); they are taken over after %.0f s",
+                    self.name,
+                    e,
+                    self.settings.reclaim_idle_seconds,
+                )
+            for claim in remaining:
+                self.pool.cancel(claim.work.job_id, claim.work.model)
+            with self._changed:
+                self._changed.wait_for(lambda: not self._claims, HANDED_BACK_WAIT_SECONDS)
+        self.pool.stop(HANDED_BACK_WAIT_SECONDS)
+        self.listener.close(deadline=max(deadline, time.monotonic() + 1.0))
+        try:
+            registry.retire(self.redis, self.keys, self.name)
+        except RedisError as e:
+            log.warning("worker %s: could not retire its heartbeat (%s); it expires by itself", self.name, e)
+        log.info("worker %s: stopped", self.name)
+
+    @staticmethod
+    def _entries_of(claims: list[Claim]) -> dict[str, list[str]]:
+        entries: dict[str, list[str]] = {}
+        for claim in claims:
+            entries.setdefault(claim.delivery.queue, []).append(claim.delivery.entry_id)
+        return entries
