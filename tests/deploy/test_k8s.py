@@ -1,0 +1,271 @@
+"""k8s/: both overlays render, pass `kubernetes-validate --strict` (the CRD-based objects, which it has no
+schema for, are checked here), and keep the promises of the deployment: restricted pods, probes on the
+real endpoints, graceful worker termination, least-privilege network policies, KEDA on the real queue."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from app.jobs.redis_keys import GROUP, Keys
+from app.settings import Settings
+from tests.deploy.kustomize import KustomizeError, apply_operation, load_documents, pod_specs, render
+from tests.deploy.repo import CRD_KINDS, K8S, OVERLAYS, REPO, tool
+
+# The oldest Kubernetes the manifests support (preStop `sleep` is on by default from 1.30) and the newest
+# kubernetes-validate knows.
+KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
+OUR_IMAGE = "ddpm-serve"
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def overlay(request) -> tuple[str, list[dict[str, Any]]]:
+    return request.param, render(K8S / "overlays" / request.param)
+
+
+def kubernetes_validate(paths: list[Path], version: str) -> subprocess.CompletedProcess[str]:
+    command = [tool("kubernetes-validate"), "--strict", "--quiet", "-k", version, *map(str, paths)]
+    return subprocess.run(command, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_rendered_overlays_pass_kubernetes_validate_strict(tmp_path, version):
+    paths = []
+    for name in OVERLAYS:
+        for i, doc in enumerate(render(K8S / "overlays" / name)):
+            if doc["kind"] not in CRD_KINDS:
+                paths.append(tmp_path / f"{name}-{i:02d}-{doc['kind']}-{doc['metadata']['name']}.yaml")
+                paths[-1].write_text(yaml.safe_dump(doc))
+    paths.append(K8S / "base" / "secret.template.yaml")
+    run = kubernetes_validate(paths, version)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_kubernetes_validate_strict_rejects_unknown_fields(tmp_path):
+    deployment = by_kind(render(K8S / "overlays" / "cpu"), "Deployment")["ddpm-worker"]
+    deployment["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(deployment))
+    run = kubernetes_validate([path], KUBERNETES_VERSIONS[-1])
+    assert run.returncode != 0 and "livenesProbe" in run.stdout + run.stderr
+
+
+def test_overlays_differ_as_intended():
+    cpu, gpu = (render(K8S / "overlays" / name) for name in OVERLAYS)
+    assert {d["kind"] for d in cpu} & CRD_KINDS == set(), "the laptop overlay needs no CRDs"
+    assert {d["kind"] for d in gpu} >= CRD_KINDS
+    cpu_worker, gpu_worker = (pod_specs(by_kind(d, "Deployment")["ddpm-worker"])[0] for d in (cpu, gpu))
+    assert "nvidia.com/gpu" not in str(cpu_worker)
+    assert gpu_worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert gpu_worker["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpu_worker[
+        "tolerations"
+    ]
+    assert gpu_worker["containers"][0]["image"] == f"{OUR_IMAGE}:gpu"
+    assert cpu_worker["containers"][0]["image"] == f"{OUR_IMAGE}:cpu"
+    assert by_kind(cpu, "ConfigMap")["ddpm-config"]["data"]["DDPM_DEVICE"] == "cpu"
+    assert by_kind(gpu, "ConfigMap")["ddpm-config"]["data"]["DDPM_DEVICE"] == "cuda"
+    volumes = {v["name"]: v for v in gpu_worker["volumes"]}
+    assert volumes["models"]["persistentVolumeClaim"]["claimName"] in by_kind(gpu, "PersistentVolumeClaim")
+
+
+def test_every_object_is_in_the_namespace(overlay):
+    _, docs = overlay
+    for doc in docs:
+        expected = None if doc["kind"] == "Namespace" else "ddpm"
+        assert doc["metadata"].get("namespace") == expected, f"{doc['kind']}/{doc['metadata']['name']}"
+
+
+def test_pods_are_restricted(overlay):
+    _, docs = overlay
+    workloads = [d for d in docs if pod_specs(d)]
+    assert {d["metadata"]["name"] for d in workloads} == {"ddpm-api", "ddpm-worker", "ddpm-redis"}
+    for workload in workloads:
+        spec = pod_specs(workload)[0]
+        name = workload["metadata"]["name"]
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["runAsUser"] > 0, name
+        assert pod["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        assert spec["automountServiceAccountToken"] is False, name
+        assert spec["enableServiceLinks"] is False, f"{name}: service links would inject DDPM_* variables"
+        for container in spec["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, name
+            assert context["readOnlyRootFilesystem"] is True, name
+            assert context["capabilities"] == {"drop": ["ALL"]}, name
+            resources = container["resources"]
+            assert {"cpu", "memory"} <= set(resources["requests"]) and {"cpu", "memory"} <= set(
+                resources["limits"]
+            ), name
+            if container["image"].startswith(OUR_IMAGE):
+                assert pod["runAsUser"] >= 10000, name
+                mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+                volumes = {v["name"]: v for v in spec["volumes"]}
+                assert "emptyDir" in volumes[mounts["/tmp"]], f"{name}: writable /tmp under a read-only root"
+
+
+def _container(docs, name: str) -> dict[str, Any]:
+    return pod_specs(by_kind(docs, "Deployment")[name])[0]["containers"][0]
+
+
+def _port(container: dict[str, Any], name: str) -> int:
+    return next(p["containerPort"] for p in container["ports"] if p["name"] == name)
+
+
+def test_probes_and_ports_match_the_app(overlay, app_routes):
+    _, docs = overlay
+    config = by_kind(docs, "ConfigMap")["ddpm-config"]["data"]
+    api, worker = _container(docs, "ddpm-api"), _container(docs, "ddpm-worker")
+    assert api["args"] == ["api"] and worker["args"] == ["worker"]
+    assert _port(api, "http") == int(config["DDPM_PORT"]) == Settings.model_fields["port"].default
+    assert _port(worker, "metrics") == int(config["DDPM_WORKER_METRICS_PORT"])
+    assert api["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert api["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert api["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert {"/healthz", "/readyz", "/metrics"} <= app_routes
+    for probe in ("startupProbe", "livenessProbe"):
+        assert worker[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    services = by_kind(docs, "Service")
+    assert services["ddpm-api"]["spec"]["ports"][0]["targetPort"] == "http"
+    assert services["ddpm-worker-metrics"]["spec"]["ports"][0]["targetPort"] == "metrics"
+    env = {e["name"]: e for e in api["env"]}
+    assert env["DDPM_API_KEYS"]["valueFrom"]["secretKeyRef"] == {
+        "name": "ddpm-secrets",
+        "key": "DDPM_API_KEYS",
+    }
+    for container in (api, worker):
+        env = [e["name"] for e in container["env"]]
+        assert env.index("REDIS_PASSWORD") < env.index("DDPM_REDIS_URL"), "$(REDIS_PASSWORD) expands in order"
+        url = next(e["value"] for e in container["env"] if e["name"] == "DDPM_REDIS_URL")
+        assert url == "redis://:$(REDIS_PASSWORD)@ddpm-redis:6379/0"
+        assert "ddpm-redis" in services
+
+
+def test_workers_outlive_their_grace_period(overlay):
+    _, docs = overlay
+    grace = float(by_kind(docs, "ConfigMap")["ddpm-config"]["data"]["DDPM_WORKER_GRACE_SECONDS"])
+    spec = pod_specs(by_kind(docs, "Deployment")["ddpm-worker"])[0]
+    # After the grace period: hand back (up to 5 s for the engines), flush writes, retire the heartbeat.
+    assert spec["terminationGracePeriodSeconds"] >= grace + 20
+
+
+def test_api_scales_and_survives_disruptions(overlay):
+    _, docs = overlay
+    hpa = by_kind(docs, "HorizontalPodAutoscaler")["ddpm-api"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "ddpm-api" and hpa["spec"]["minReplicas"] >= 2
+    pdbs = by_kind(docs, "PodDisruptionBudget")
+    assert pdbs["ddpm-api"]["spec"]["minAvailable"] < hpa["spec"]["minReplicas"], "a drain must be possible"
+    assert pdbs["ddpm-worker"]["spec"]["maxUnavailable"] == 1
+
+
+def test_redis_keeps_its_append_only_file(overlay):
+    _, docs = overlay
+    redis = by_kind(docs, "StatefulSet")["ddpm-redis"]
+    conf = by_kind(docs, "ConfigMap")["ddpm-redis-config"]["data"]["redis.conf"]
+    assert conf == (REPO / "docker" / "redis.conf").read_text(), "k8s and compose run Redis alike"
+    assert (
+        "appendonly yes" in conf and "appendfsync everysec" in conf and "maxmemory-policy noeviction" in conf
+    )
+    mounts = {
+        m["mountPath"]: m["name"] for m in redis["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    }
+    assert mounts["/data"] in {t["metadata"]["name"] for t in redis["spec"]["volumeClaimTemplates"]}
+    assert redis["spec"]["template"]["spec"]["containers"][0]["image"].startswith("redis:7")
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def test_network_policies_deny_by_default_and_allow_only_whats_needed(overlay):
+    _, docs = overlay
+    policies = by_kind(docs, "NetworkPolicy")
+    deny = policies["default-deny"]["spec"]
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    labels = {
+        d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in docs if pod_specs(d)
+    }
+
+    def ingress_ports(pod: str) -> set[int]:
+        return {
+            port["port"]
+            for policy in policies.values()
+            if _selects(policy["spec"]["podSelector"], labels[pod]) and policy["spec"]["podSelector"]
+            for rule in policy["spec"].get("ingress", [])
+            for port in rule["ports"]
+        }
+
+    assert ingress_ports("ddpm-api") == {8000}
+    assert ingress_ports("ddpm-worker") == {8001}
+    assert ingress_ports("ddpm-redis") == {6379}
+    redis_from = policies["ddpm-redis"]["spec"]["ingress"][0]["from"]
+    for client in ("ddpm-api", "ddpm-worker"):
+        assert any(
+            "podSelector" in peer and _selects(peer["podSelector"], labels[client]) for peer in redis_from
+        )
+        egress = policies[client]["spec"]["egress"]
+        assert any(
+            _selects(peer["podSelector"], labels["ddpm-redis"]) for rule in egress for peer in rule["to"]
+        )
+
+
+def test_keda_scales_workers_on_the_real_queue():
+    docs = render(K8S / "overlays" / "gpu")
+    scaled = by_kind(docs, "ScaledObject")["ddpm-worker"]
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    assert scaled["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "ddpm-worker",
+    }
+    assert scaled["spec"]["minReplicaCount"] >= 1, "no worker, no readiness, no job to scale up on"
+    assert scaled["spec"]["maxReplicaCount"] >= scaled["spec"]["minReplicaCount"]
+    auth = by_kind(docs, "TriggerAuthentication")
+    template = load_documents(K8S / "base" / "secret.template.yaml")[0]
+    known = {"address", "databaseIndex", "stream", "consumerGroup", "lagCount", "streamLength"}
+    triggers = scaled["spec"]["triggers"]
+    assert triggers and all(t["type"] == "redis-streams" for t in triggers)
+    for trigger in triggers:
+        metadata = trigger["metadata"]
+        assert set(metadata) <= known and all(isinstance(v, str) for v in metadata.values())
+        assert metadata["stream"] == Keys().queue("mnist")
+        assert metadata["address"] == "ddpm-redis.ddpm.svc.cluster.local:6379"
+        for ref in auth[trigger["authenticationRef"]["name"]]["spec"]["secretTargetRef"]:
+            assert ref["name"] == template["metadata"]["name"] and ref["key"] in template["stringData"]
+    modes = [{"lagCount", "streamLength"} & set(t["metadata"]) for t in triggers]
+    assert modes == [{"lagCount"}, {"streamLength"}]
+    assert triggers[0]["metadata"]["consumerGroup"] == GROUP
+
+
+def test_service_monitor_scrapes_the_metrics_ports(app_routes):
+    docs = render(K8S / "overlays" / "gpu")
+    monitor = by_kind(docs, "ServiceMonitor")["ddpm-serve"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    services = [
+        s
+        for s in by_kind(docs, "Service").values()
+        if _selects(monitor["spec"]["selector"], s["metadata"]["labels"])
+    ]
+    ports = {p["name"] for s in services for p in s["spec"]["ports"]}
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert set(endpoint) <= {"port", "path", "interval"}
+        assert endpoint["port"] in ports and endpoint["path"] == "/metrics" in app_routes
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} == {"http", "metrics"}
+
+
+def test_renderer_refuses_what_it_does_not_support(tmp_path):
+    (tmp_path / "kustomization.yaml").write_text("resources: []\nnamePrefix: x-\n")
+    with pytest.raises(KustomizeError, match="namePrefix"):
+        render(tmp_path)
+    with pytest.raises(KustomizeError, match="test failed"):
+        apply_operation({"a": [1]}, {"op": "test", "path": "/a/0", "value": 2})
+    with pytest.raises(KustomizeError, match="no such location"):
+        apply_operation({"a": {}}, {"op": "replace", "path": "/a/b", "value": 1})
