@@ -5,6 +5,11 @@ stack every running row's x_t and t, run ε_θ once → apply each row's own upd
 bound term), vectorised over rows → emit x̂₀ previews → retire finished groups. A new job waits at
 most one step to join, never a whole chain. No HTTP, no Redis: work comes in through `submit`,
 progress goes out through a `Listener`.
+
+The admission policy is switchable, to measure what step-level batching buys (bench/serving.py):
+"step" (the above), "request" (request-level batching: jobs join only an empty batch, and the jobs
+admitted together run to completion together) and "serial" (one job at a time). Every policy gives
+the same images for the same seeds; only waiting times change.
 """
 
 from __future__ import annotations
@@ -15,13 +20,15 @@ import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-from app.diffusion import StepCoefficients, Variance, ddim_coefficients, ddpm_coefficients, denoise_step
 from app.engine import programs
+from app.engine.fastpath import FastPath, Forward
 from app.engine.groups import BoundGroup, ChainGroup, Group
+from app.engine.steps import COLUMNS, compiled_update, fused_update
 from app.engine.work import Listener, Work
 from app.metrics import ENGINE_BATCH_SIZE, ENGINE_FORWARDS, ENGINE_SLOTS, ENGINE_STEP_SECONDS
 from app.nets import Checkpoint
@@ -30,6 +37,9 @@ from app.sampling import schedule_of
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL = 0.25  # seconds between image-free progress reports of one job
+
+Policy = Literal["step", "request", "serial"]
+POLICIES: tuple[str, ...] = get_args(Policy)
 
 
 class JobFailed(Exception):
@@ -69,12 +79,31 @@ def rows_needed(work: Work) -> int:
 
 
 class Engine:
-    """Owns one model on one device and runs the denoising loop for all its jobs in one thread."""
+    """Owns one model on one device and runs the denoising loop for all its jobs in one thread.
 
-    def __init__(self, ckpt: Checkpoint, *, name: str, listener: Listener, max_batch: int = 64):
+    `fast` selects the forward's fast paths (app.engine.fastpath); with `fast.compile` the per-row
+    update is compiled too. `start()` compiles and captures them before the loop takes any job.
+    """
+
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        *,
+        name: str,
+        listener: Listener,
+        max_batch: int = 64,
+        policy: Policy = "step",
+        fast: FastPath | None = None,
+    ):
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.ckpt, self.name, self.listener, self.max_batch = ckpt, name, listener, max_batch
+        self.policy = policy
         self.unet = ckpt.unet.eval()
         self.device = next(self.unet.parameters()).device
+        self.fast = fast or FastPath()
+        self.forward = Forward(self.unet, self.fast, device=self.device, max_batch=max_batch)
+        self._step = compiled_update() if self.fast.compile else fused_update
         self.schedule = schedule_of(ckpt).to(self.device)
         self.ctx = programs.Context(ckpt=ckpt, schedule=self.schedule, device=self.device)
         self._queue: deque[Work] = deque()
@@ -89,8 +118,18 @@ class Engine:
 
     # ---- thread-safe control surface -------------------------------------------------------
     def start(self) -> None:
+        """Warm the fast paths up (compilation, CUDA graphs: minutes, not per request), then run the loop."""
+        self.forward.warm_up(self.ctx.shape)
+        if self.fast.compile:
+            self._warm_up_update()
         self._thread = threading.Thread(target=self._loop, name=f"engine-{self.name}", daemon=True)
         self._thread.start()
+
+    @torch.inference_mode()
+    def _warm_up_update(self) -> None:
+        for rows in (1, 2):  # dynamo specialises a batch of one apart from the dynamic-size kernel
+            z = torch.zeros(rows, *self.ctx.shape, device=self.device)
+            self._step(z, z, z, torch.zeros(rows, COLUMNS, device=self.device))
 
     def stop(self, timeout: float | None = None) -> None:
         with self._cond:
@@ -139,7 +178,14 @@ class Engine:
 
     # ---- the loop ---------------------------------------------------------------------------
     def _loop(self) -> None:
-        log.info("engine %s on %s: max_batch %d", self.name, self.device, self.max_batch)
+        log.info(
+            "engine %s on %s: max_batch %d, policy %s, %s",
+            self.name,
+            self.device,
+            self.max_batch,
+            self.policy,
+            self.fast,
+        )
         while True:
             with self._cond:
                 while not self._stopping and not self._queue and not self._active and not self._cancelled:
@@ -168,13 +214,15 @@ class Engine:
                 self.listener.on_cancelled(job_id)
 
     def _admit(self) -> None:
-        """FIFO: the head job joins when its rows fit (or when nothing runs, however wide it is)."""
+        """FIFO: the head job joins when the policy lets it and its rows fit (or when nothing runs, however
+        wide it is)."""
+        opening = not self._active  # request policy: only a batch formed from empty takes jobs
         while True:
             with self._cond:
                 if not self._queue:
                     return
                 work = self._queue[0]
-                if self._active and self.running + rows_needed(work) > self.max_batch:
+                if self._active and not self._may_join(work, opening):
                     return
                 self._queue.popleft()
                 self._admitting = work.job_id
@@ -192,6 +240,12 @@ class Engine:
             finally:
                 self._admitting = None
 
+    def _may_join(self, work: Work, opening: bool) -> bool:
+        """Whether `work` may join the running batch under the policy."""
+        if self.policy == "serial" or (self.policy == "request" and not opening):
+            return False
+        return self.running + rows_needed(work) <= self.max_batch
+
     def _enter_phase(self, run: Run, groups: list[Group]) -> None:
         run.groups = groups
         self._active.extend(groups)
@@ -202,8 +256,8 @@ class Engine:
         try:
             with torch.inference_mode():
                 x = torch.cat([g.model_input(self.schedule) for g in active])
-                t = torch.tensor([g.t for g in active for _ in range(g.rows)], device=self.device)
-                eps = self.unet(x, t)
+                t = torch.cat([g.rows_t(self.schedule) for g in active])
+                eps = self.forward(x, t)
                 self.forwards += 1
                 previews = self._update(active, x, t, eps)
         except Exception as e:  # the batch fails, the engine goes on
@@ -221,22 +275,18 @@ class Engine:
     ) -> dict[Group, tuple[Tensor, Tensor]]:
         """Apply every row's own update; returns each group's (x_t, x̂₀) for previews."""
         sizes = [g.rows for g in active]
-        xs, epss, ts = x.split(sizes), eps.split(sizes), t.split(sizes)
+        xs, epss = x.split(sizes), eps.split(sizes)
         out: dict[Group, tuple[Tensor, Tensor]] = {}
         chains = [i for i, g in enumerate(active) if isinstance(g, ChainGroup)]
         if chains:
-            groups = [active[i] for i in chains]
-            xc = torch.cat([xs[i] for i in chains])
-            ec = torch.cat([epss[i] for i in chains])
-            tc = torch.cat([ts[i] for i in chains])
-            x_prev, pred_x0 = denoise_step(
-                self.schedule,
+            groups: list[ChainGroup] = [active[i] for i in chains]  # type: ignore[misc]
+            every = len(chains) == len(active)
+            xc = x if every else torch.cat([xs[i] for i in chains])
+            x_prev, pred_x0 = self._step(
                 xc,
-                ec,
-                tc,
-                self._coefficients(groups),
+                eps if every else torch.cat([epss[i] for i in chains]),
                 torch.cat([g.noise.randn() for g in groups]),
-                clip_denoised=self._per_row(groups, lambda g: g.clip_denoised),
+                torch.cat([g.rows_coef(self.schedule) for g in groups]),
             )
             for g, xp, x0, xt in zip(
                 groups,
@@ -251,24 +301,6 @@ class Engine:
             if isinstance(g, BoundGroup):
                 out[g] = g.record(self.schedule, epss[i])
         return out
-
-    def _per_row(self, groups: list[ChainGroup], value) -> Tensor:
-        return torch.tensor([value(g) for g in groups for _ in range(g.rows)], device=self.device)
-
-    def _coefficients(self, groups: list[ChainGroup]) -> StepCoefficients:
-        """Per-row (a, b, c, σ): DDIM rows, DDPM rows with σ²=β and with σ²=β̃, merged by mask."""
-        s = self.schedule
-        t = self._per_row(groups, lambda g: g.t)
-        t_prev = self._per_row(groups, lambda g: g.t_prev)
-        eta = self._per_row(groups, lambda g: float(g.eta)).to(s.betas.dtype)
-        is_ddim = self._per_row(groups, lambda g: g.sampler == "ddim")
-        is_small = self._per_row(groups, lambda g: g.variance is Variance.POSTERIOR)
-        ddpm = StepCoefficients.where(
-            is_small,
-            ddpm_coefficients(s, t, t_prev, Variance.POSTERIOR),
-            ddpm_coefficients(s, t, t_prev, Variance.BETA),
-        )
-        return StepCoefficients.where(is_ddim, ddim_coefficients(s, t, t_prev, eta), ddpm)
 
     def _advance_runs(self, active: list[Group], previews: dict[Group, tuple[Tensor, Tensor]]) -> None:
         for run in {self._runs[g.job_id] for g in active if g.job_id in self._runs}:

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from app.diffusion import Variance, prior_bpd, q_sample, vb_terms_bpd
 from app.diffusion.schedule import Schedule
+from app.engine.steps import StepTable, chain_table
 from app.rng import ImageNoise
 
 
@@ -47,6 +48,10 @@ class Group:
     def model_input(self, s: Schedule) -> Tensor:
         raise NotImplementedError
 
+    def rows_t(self, s: Schedule) -> Tensor:
+        """(rows,) long: the current t of every row, made on the device (no host-to-device copy)."""
+        return torch.full((self.rows,), self.t, dtype=torch.long, device=s.betas.device)
+
 
 @dataclass(eq=False)
 class ChainGroup(Group):
@@ -57,9 +62,32 @@ class ChainGroup(Group):
     eta: float = 0.0
     variance: Variance = Variance.BETA
     clip_denoised: bool = True
+    _table: StepTable | None = None
 
     def model_input(self, s: Schedule) -> Tensor:
         return self.x
+
+    def table(self, s: Schedule) -> StepTable:
+        """The whole plan's t and coefficients on the device, computed on the group's first step."""
+        if self._table is None:
+            self._table = chain_table(
+                s,
+                self.plan_t,
+                self.plan_t_prev,
+                sampler=self.sampler,
+                eta=self.eta,
+                variance=self.variance,
+                clip_denoised=self.clip_denoised,
+                device=self.x.device,
+            )
+        return self._table
+
+    def rows_t(self, s: Schedule) -> Tensor:
+        return self.table(s).t[self.pos : self.pos + 1].expand(self.rows)
+
+    def rows_coef(self, s: Schedule) -> Tensor:
+        """(rows, COLUMNS): this step's coefficients for every row (app.engine.steps), a view."""
+        return self.table(s).coef[self.pos : self.pos + 1].expand(self.rows, -1)
 
     def advance(self, x_prev: Tensor) -> None:
         self.x = x_prev

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from app.engine.engine import Engine
+from app.engine.engine import Engine, Policy
+from app.engine.fastpath import FastPath
 from app.engine.work import Listener, Work
 from app.nets import Checkpoint
 
@@ -10,11 +11,19 @@ from app.nets import Checkpoint
 class EnginePool:
     """The models a process serves. The first name is the default model."""
 
-    def __init__(self, checkpoints: dict[str, Checkpoint], *, listener: Listener, max_batch: int = 64):
+    def __init__(
+        self,
+        checkpoints: dict[str, Checkpoint],
+        *,
+        listener: Listener,
+        max_batch: int = 64,
+        policy: Policy = "step",
+        fast: FastPath | None = None,
+    ):
         if not checkpoints:
             raise ValueError("an engine pool needs at least one model")
         self.engines = {
-            name: Engine(ckpt, name=name, listener=listener, max_batch=max_batch)
+            name: Engine(ckpt, name=name, listener=listener, max_batch=max_batch, policy=policy, fast=fast)
             for name, ckpt in checkpoints.items()
         }
         self.default = next(iter(checkpoints))

@@ -58,9 +58,10 @@ class Recorder:
 def engine_factory(tiny_ckpt):
     engines = []
 
-    def make(max_batch=64):
+    def make(max_batch=64, ckpt=None, **options):
+        """An engine on `ckpt` (default: the shared tiny model); options: policy, fast."""
         rec = Recorder()
-        engine = Engine(tiny_ckpt, name="tiny", listener=rec, max_batch=max_batch)
+        engine = Engine(ckpt or tiny_ckpt, name="tiny", listener=rec, max_batch=max_batch, **options)
         engines.append(engine)
         return engine, rec
 
