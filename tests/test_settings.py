@@ -90,3 +90,33 @@ def test_a_reclaim_time_shorter_than_three_heartbeats_is_refused():
     with pytest.raises(ValidationError, match="at least 3"):
         Settings(worker_heartbeat_seconds=5, reclaim_idle_seconds=10)
     assert Settings(worker_heartbeat_seconds=0.5, reclaim_idle_seconds=2).reclaim_idle_seconds == 2
+
+
+def test_engine_options_reach_the_engine_from_the_environment(monkeypatch):
+    from app.engine.engine import POLICIES
+    from app.engine.fastpath import FastPath
+
+    s = Settings()
+    assert s.engine_policy == "step" and s.fast_path() == FastPath()
+    assert set(POLICIES) == {"step", "request", "serial"}
+    monkeypatch.setenv("DDPM_ENGINE_POLICY", "serial")
+    monkeypatch.setenv("DDPM_CHANNELS_LAST", "true")
+    monkeypatch.setenv("DDPM_DTYPE", "bfloat16")
+    monkeypatch.setenv("DDPM_COMPILE", "1")
+    s = Settings()
+    assert s.engine_policy == "serial"
+    assert s.fast_path() == FastPath(channels_last=True, dtype="bfloat16", compile=True)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"engine_policy": "fifo"},
+        {"dtype": "int8"},
+        {"device": "cpu", "cuda_graphs": True},
+        {"device": "cpu", "dtype": "float16"},
+    ],
+)
+def test_engine_options_the_device_cannot_run_are_refused(overrides):
+    with pytest.raises(ValidationError):
+        Settings(**overrides)
