@@ -26,6 +26,13 @@ def machine() -> dict[str, str | int]:
     }
 
 
+def set_threads(threads: int | None) -> None:
+    """Pin torch's intra-op threads. On a shared, busy machine one thread is far steadier than two that wait
+    for each other at every OpenMP barrier while another process holds a core."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -43,6 +50,26 @@ def timeit(fn: Callable[[], object], *, device: torch.device, repeat: int = 5, w
         sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]], *, device: torch.device, repeat: int = 3, warmup: int = 1
+) -> dict[str, float]:
+    """Median seconds of each function, timed in rounds that call every function once (in a rotating
+    order), so that a burst of load from another process hits all of them alike."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeat):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def table(rows: list[dict], columns: list[str]) -> str:

@@ -36,10 +36,13 @@ class FastPath:
     dtype: str = "float32"
     compile: bool = False
     cuda_graphs: bool = False
+    buckets: tuple[int, ...] = ()  # batch sizes to compile/capture; () = powers of two up to max_batch
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if any(b < 1 for b in self.buckets):
+            raise ValueError(f"batch buckets must be positive, got {self.buckets}")
 
     @property
     def padded(self) -> bool:
@@ -74,7 +77,7 @@ class Forward:
     def __init__(self, unet: nn.Module, fast: FastPath, *, device: torch.device, max_batch: int) -> None:
         fast.check(device)
         self.unet, self.fast, self.device = unet.eval(), fast, device
-        self.buckets = buckets(max_batch) if fast.padded else ()
+        self.buckets = (tuple(sorted(set(fast.buckets))) or buckets(max_batch)) if fast.padded else ()
         self._memory_format = torch.channels_last if fast.channels_last else torch.contiguous_format
         if fast.channels_last:
             self.unet.to(memory_format=torch.channels_last)
