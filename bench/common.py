@@ -11,11 +11,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from app.engine.fastpath import FastPath
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict[str, str | int]:
+    """What ran the benchmark, for the results file."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "cpu": platform.processor() or platform.machine(),
@@ -91,3 +95,29 @@ def save(name: str, rows: list[dict], **extra) -> Path:
     }
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+FAST_FLAGS = {"channels_last", "bf16", "fp16", "compile", "graphs"}
+H200_BF16_DENSE_TFLOPS = 989.0  # NVIDIA's H200 SXM datasheet: 1979 TFLOP/s bf16 with sparsity, half dense
+
+
+def fast_path(spec: str, *, batch: int) -> FastPath:
+    """FastPath from "channels_last,bf16,compile,graphs"; compile/graphs use a single bucket, the batch."""
+    flags = {f.strip() for f in spec.split(",") if f.strip()}
+    if unknown := flags - FAST_FLAGS:
+        raise SystemExit(f"unknown --fast flags {sorted(unknown)}; known: {sorted(FAST_FLAGS)}")
+    dtype = "bfloat16" if "bf16" in flags else "float16" if "fp16" in flags else "float32"
+    return FastPath(
+        channels_last="channels_last" in flags,
+        dtype=dtype,
+        compile="compile" in flags,
+        cuda_graphs="graphs" in flags,
+        buckets=(batch,),
+    )
+
+
+def flops_per_image(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> float:
+    """FLOPs of one forward of one image (PyTorch's FLOP counter: 2 per multiply-add)."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x[:1], t[:1])
+    return counter.get_total_flops()

@@ -27,28 +27,17 @@ from app.engine.engine import Engine
 from app.engine.fastpath import FastPath
 from app.nets import Checkpoint, load_checkpoint
 from app.sampling import generate
-from bench.common import interleaved, save, set_threads, table
+from bench.common import (
+    H200_BF16_DENSE_TFLOPS,
+    fast_path,
+    flops_per_image,
+    interleaved,
+    save,
+    set_threads,
+    table,
+)
 from bench.engines import Collector, sample_work
 from bench.models import ARCHS, model_folder
-from bench.unet_forward import flops_per_image
-
-FAST_FLAGS = {"channels_last", "bf16", "fp16", "compile", "graphs"}
-H200_BF16_DENSE_TFLOPS = 989.0  # NVIDIA's H200 SXM datasheet: 1979 TFLOP/s bf16 with sparsity, half dense
-
-
-def fast_path(spec: str, *, batch: int) -> FastPath:
-    """FastPath from "channels_last,bf16,compile,graphs"; compile/graphs use a single bucket, the batch."""
-    flags = {f.strip() for f in spec.split(",") if f.strip()}
-    if unknown := flags - FAST_FLAGS:
-        raise SystemExit(f"unknown --fast flags {sorted(unknown)}; known: {sorted(FAST_FLAGS)}")
-    dtype = "bfloat16" if "bf16" in flags else "float16" if "fp16" in flags else "float32"
-    return FastPath(
-        channels_last="channels_last" in flags,
-        dtype=dtype,
-        compile="compile" in flags,
-        cuda_graphs="graphs" in flags,
-        buckets=(batch,),
-    )
 
 
 def diffusers_pipelines(folder: Path, device: torch.device) -> dict[str, Callable[..., object]]:

@@ -1,9 +1,13 @@
 """Benchmark 1: one U-Net forward, ours vs diffusers' UNet2DModel with identical weights, same process.
 
-    .venv/bin/python bench/unet_forward.py [--device cpu|cuda] [--batches 1,8,32] [--models cifar10,mnist]
+    .venv/bin/python -m bench.unet_forward [--device cpu|cuda] [--batches 1,8,32] [--models cifar10,mnist]
+        [--fast bf16] [--threads N] [--peak-tflops 989]
 
-Prints a table (ms per forward, ratio diffusers/ours, GFLOP per image, achieved GFLOP/s) and writes
-bench/results/unet_forward.json. A ratio above 1 means ours is faster.
+Prints a table (ms per forward of diffusers, ours eager and ours through the fast path named by --fast,
+a comma list of channels_last, bf16, fp16, compile, graphs; ratios diffusers/ours; GFLOP per image and
+the achieved TFLOP/s of the fast path, with its fraction of --peak-tflops) and writes
+bench/results/unet_forward.json. A ratio above 1 means ours is faster. The three are timed in
+interleaved rounds.
 """
 
 from __future__ import annotations
@@ -12,25 +16,19 @@ import argparse
 
 import torch
 from diffusers import UNet2DModel
-from torch.utils.flop_counter import FlopCounterMode
 
 from app.cli import BUNDLED_MODEL
+from app.engine.fastpath import Forward
 from app.nets import UNet, UNetConfig, load_checkpoint
 from app.nets.presets import PRESETS
-from bench.common import save, table, timeit
+from bench.common import fast_path, flops_per_image, interleaved, save, set_threads, table
+from bench.models import BUNDLED_ARCH
 
 
 def configs() -> dict[str, UNetConfig]:
-    out = {"cifar10": PRESETS["cifar10"].unet}
-    if BUNDLED_MODEL.exists():
-        out["mnist"] = load_checkpoint(BUNDLED_MODEL).unet.config
-    return out
-
-
-def flops_per_image(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> float:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x[:1], t[:1])
-    return counter.get_total_flops()
+    """The paper's CIFAR10 network and the bundled model's (its own config when models/mnist exists)."""
+    mnist = load_checkpoint(BUNDLED_MODEL).unet.config if BUNDLED_MODEL.exists() else BUNDLED_ARCH
+    return {"cifar10": PRESETS["cifar10"].unet, "mnist": mnist}
 
 
 def main() -> None:
@@ -39,7 +37,12 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--models", default="cifar10,mnist")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--fast", default="bf16", help="fast-path flags ('' skips the fast row)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--peak-tflops", type=float, help="device peak for the `peak` column")
+    parser.add_argument("--name", default="unet_forward", help="results file name")
     args = parser.parse_args()
+    set_threads(args.threads)
     device = torch.device(args.device)
     rows = []
     for name, cfg in configs().items():
@@ -54,26 +57,39 @@ def main() -> None:
             x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device)
             t = torch.randint(0, 1000, (batch,), device=device)
             flops = flops_per_image(ours, x, t)
+            fns = {
+                "diffusers": lambda m=theirs, x=x, t=t: m(x, t).sample,
+                "ours": lambda m=ours, x=x, t=t: m(x, t),
+            }
+            if args.fast:
+                fast = UNet(cfg).to(device)
+                fast.load_state_dict(ours.state_dict())
+                forward = Forward(fast, fast_path(args.fast, batch=batch), device=device, max_batch=batch)
+                forward.warm_up(tuple(x.shape[1:]))
+                fns["fast"] = lambda f=forward, x=x, t=t: f(x, t)
             with torch.inference_mode():
-                ours_s = timeit(lambda m=ours, x=x, t=t: m(x, t), device=device, repeat=args.repeat)
-                theirs_s = timeit(
-                    lambda m=theirs, x=x, t=t: m(x, t).sample, device=device, repeat=args.repeat
-                )
-            rows.append(
-                {
-                    "model": name,
-                    "batch": batch,
-                    "ours_ms": round(ours_s * 1e3, 2),
-                    "diffusers_ms": round(theirs_s * 1e3, 2),
-                    "ratio": round(theirs_s / ours_s, 3),
-                    "gflop_per_image": round(flops / 1e9, 3),
-                    "ours_gflop_s": round(flops * batch / ours_s / 1e9, 1),
-                }
-            )
+                ms = {k: v * 1e3 for k, v in interleaved(fns, device=device, repeat=args.repeat).items()}
+            row = {
+                "model": name,
+                "batch": batch,
+                "diffusers_ms": round(ms["diffusers"], 2),
+                "ours_ms": round(ms["ours"], 2),
+                "ratio": round(ms["diffusers"] / ms["ours"], 3),
+                "gflop_per_image": round(flops / 1e9, 3),
+                "ours_tflop_s": round(flops * batch / ms["ours"] / 1e9, 3),
+            }
+            if "fast" in ms:
+                row["fast_ms"] = round(ms["fast"], 2)
+                row["fast_ratio"] = round(ms["diffusers"] / ms["fast"], 3)
+                row["fast_tflop_s"] = round(flops * batch / ms["fast"] / 1e9, 3)
+                if args.peak_tflops:
+                    row["fast_peak"] = round(row["fast_tflop_s"] / args.peak_tflops, 4)
+            rows.append(row)
             print(table(rows[-1:], list(rows[-1])), flush=True)
     print()
     print(table(rows, list(rows[0])))
-    print(f"wrote {save('unet_forward', rows, device=str(device))}")
+    extra = dict(device=str(device), threads=torch.get_num_threads(), fast=args.fast)
+    print(f"wrote {save(args.name, rows, **extra)}")
 
 
 if __name__ == "__main__":
