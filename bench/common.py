@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import platform
 import statistics
 import time
@@ -15,7 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from app.engine.fastpath import FastPath
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# Where results go: $BENCH_RESULTS (bench/gpu.sh points it at the device's $OUT), else bench/results.
+RESULTS = Path(os.environ.get("BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def machine() -> dict[str, str | int]:
@@ -85,7 +87,7 @@ def table(rows: list[dict], columns: list[str]) -> str:
 
 
 def save(name: str, rows: list[dict], **extra) -> Path:
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     payload = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -3,7 +3,8 @@ read the same weights from the same files.
 
     --model PATH     a checkpoint folder (e.g. models/mnist, or a diffusers pipeline's unet folder)
     --arch NAME      else random weights of an architecture: "bundled" (the shipped MNIST model's; the
-                     model itself when models/mnist exists) or a preset of the paper ("cifar10", …)
+                     model itself when models/mnist exists), "tiny" (the tests' 8×8 network, for dry
+                     runs) or a preset of the paper ("cifar10", …)
 """
 
 from __future__ import annotations
@@ -22,13 +23,17 @@ from app.nets.presets import PRESETS
 BUNDLED_ARCH = UNetConfig.ddpm(
     resolution=28, in_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(7,)
 )
-ARCHS = ("bundled", *PRESETS)
+# For dry runs (bench/gpu.sh with DEVICE=cpu): the tests' 8×8 greyscale network, ~0.7 M parameters.
+TINY_ARCH = UNetConfig.ddpm(
+    resolution=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0
+)
+ARCHS = ("bundled", "tiny", *PRESETS)
 _TEMPORARY: list[tempfile.TemporaryDirectory] = []  # removed when the process exits
 
 
 def architecture(name: str) -> tuple[UNetConfig, SchedulerConfig]:
-    if name == "bundled":
-        return BUNDLED_ARCH, SchedulerConfig(variance_type="fixed_large")
+    if name in ("bundled", "tiny"):
+        return BUNDLED_ARCH if name == "bundled" else TINY_ARCH, SchedulerConfig(variance_type="fixed_large")
     if name not in PRESETS:
         raise SystemExit(f"unknown --arch {name!r}; one of {', '.join(ARCHS)}")
     return PRESETS[name].unet, PRESETS[name].scheduler

@@ -1,16 +1,17 @@
 """Benchmark 2: images/s of whole sampling runs, ours vs diffusers' pipelines on the same checkpoint.
 
     .venv/bin/python -m bench.sampling [--model PATH | --arch bundled|cifar10] [--batch 8]
-        [--steps-ddpm 1000] [--steps-ddim 50] [--fast bf16] [--repeat 1] [--threads N] [--device cuda]
+        [--steps-ddpm 1000] [--steps-ddim 50] [--fast bf16] [--rows diffusers,generate,engine,fast]
+        [--repeat 1] [--threads N] [--device cuda] [--peak-tflops 989] [--name sampling]
 
 For each sampler (1000-step ancestral, Algorithm 2; 50-step DDIM, η = 0; both on trailing timesteps) the
-rows are: diffusers' DDPMPipeline / DDIMPipeline, our library `generate`, our Engine with the plain
-forward, and our Engine with the fast path named by --fast (a comma list of channels_last, bf16, fp16,
-compile, graphs). Every row runs the same number of U-Net forwards on the same batch from the same
+rows (--rows) are: diffusers' DDPMPipeline / DDIMPipeline, our library `generate`, our Engine with the
+plain forward, and our Engine with the fast path named by --fast (a comma list of channels_last, bf16,
+fp16, compile, graphs). Every row runs the same number of U-Net forwards on the same batch from the same
 weights file; rows are timed in interleaved rounds. `ratio` is images/s over diffusers' (above 1: ours
 is faster). With --peak-tflops, `peak` is the fraction of that peak the U-Net's FLOPs reach. Shorten a
 CPU run with e.g. --steps-ddpm 100: images/s then scale by 100/1000 to the full chain.
-Writes bench/results/sampling.json.
+Writes bench/results/<name>.json.
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ def diffusers_pipelines(folder: Path, device: torch.device) -> dict[str, Callabl
     return {sampler: runner(sampler) for sampler in pipes}
 
 
+ROWS = ("diffusers", "generate", "engine", "fast")
+
+
 class EngineRunner:
     """An Engine of its own checkpoint, started once; each call samples one batch as one job."""
 
@@ -99,7 +103,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="timed rounds (median)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--peak-tflops", type=float, help=f"device peak, e.g. {H200_BF16_DENSE_TFLOPS}")
-    parser.add_argument("--skip-diffusers", action="store_true", help="ours only (e.g. a very long run)")
+    parser.add_argument("--rows", default=",".join(ROWS), help="rows to run, of " + ", ".join(ROWS))
     parser.add_argument("--name", default="sampling", help="results file name")
     args = parser.parse_args()
     set_threads(args.threads)
@@ -109,14 +113,19 @@ def main() -> None:
 
     ours = load_checkpoint(folder, device=device)
     flops = flops_per_image(ours.unet, *_probe(ours, device))
-    plain = EngineRunner(load_checkpoint(folder, device=device), batch=args.batch, fast=FastPath())
-    engines = {"ours engine": plain}
-    if args.fast:  # its own copy of the weights: channels_last converts them in place
+    wanted = set(args.rows.split(","))
+    if unknown := wanted - set(ROWS):
+        raise SystemExit(f"unknown --rows {sorted(unknown)}; known: {', '.join(ROWS)}")
+    engines = {}
+    if "engine" in wanted:
+        plain = EngineRunner(load_checkpoint(folder, device=device), batch=args.batch, fast=FastPath())
+        engines["ours engine"] = plain
+    if args.fast and "fast" in wanted:  # its own copy of the weights: channels_last converts them in place
         fast = fast_path(args.fast, batch=args.batch)
         engines[f"ours engine {args.fast}"] = EngineRunner(
             load_checkpoint(folder, device=device), batch=args.batch, fast=fast
         )
-    pipelines = {} if args.skip_diffusers else diffusers_pipelines(folder, device)
+    pipelines = diffusers_pipelines(folder, device) if "diffusers" in wanted else {}
 
     rows = []
     for sampler, steps in (("ddpm", args.steps_ddpm), ("ddim", args.steps_ddim)):
@@ -125,9 +134,10 @@ def main() -> None:
         fns: dict[str, Callable[[int], object]] = {}
         if pipelines:
             fns["diffusers"] = lambda s, p=pipelines[sampler]: p(args.batch, s)
-        fns["ours generate"] = lambda s, sampler=sampler: generate(
-            ours, n=args.batch, steps=s, sampler=sampler, seed=0
-        )
+        if "generate" in wanted:
+            fns["ours generate"] = lambda s, sampler=sampler: generate(
+                ours, n=args.batch, steps=s, sampler=sampler, seed=0
+            )
         for name, runner in engines.items():
             fns[name] = lambda s, r=runner, sampler=sampler: r(sampler, args.batch, s)
         for fn in fns.values():  # set-up costs (allocator, oneDNN primitives) out of the timing

@@ -20,15 +20,16 @@ from diffusers import UNet2DModel
 from app.cli import BUNDLED_MODEL
 from app.engine.fastpath import Forward
 from app.nets import UNet, UNetConfig, load_checkpoint
-from app.nets.presets import PRESETS
 from bench.common import fast_path, flops_per_image, interleaved, save, set_threads, table
-from bench.models import BUNDLED_ARCH
+from bench.models import BUNDLED_ARCH, architecture
 
 
-def configs() -> dict[str, UNetConfig]:
-    """The paper's CIFAR10 network and the bundled model's (its own config when models/mnist exists)."""
-    mnist = load_checkpoint(BUNDLED_MODEL).unet.config if BUNDLED_MODEL.exists() else BUNDLED_ARCH
-    return {"cifar10": PRESETS["cifar10"].unet, "mnist": mnist}
+def config(name: str) -> UNetConfig:
+    """ "mnist" is the bundled model's network (its own config when models/mnist exists); other names are
+    bench.models architectures: the paper's presets ("cifar10", …) and "tiny"."""
+    if name == "mnist":
+        return load_checkpoint(BUNDLED_MODEL).unet.config if BUNDLED_MODEL.exists() else BUNDLED_ARCH
+    return architecture(name)[0]
 
 
 def main() -> None:
@@ -45,9 +46,8 @@ def main() -> None:
     set_threads(args.threads)
     device = torch.device(args.device)
     rows = []
-    for name, cfg in configs().items():
-        if name not in args.models.split(","):
-            continue
+    for name in args.models.split(","):
+        cfg = config(name)
         torch.manual_seed(0)
         theirs = UNet2DModel(**{k: v for k, v in cfg.to_dict().items() if not k.startswith("_")})
         ours = UNet(cfg)
