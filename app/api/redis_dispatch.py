@@ -54,6 +54,7 @@ class RedisDispatcher:
         self._workers: list[WorkerInfo] = []
         self._positions: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     @classmethod
     async def open(cls, settings: Settings, store: RedisJobStore) -> RedisDispatcher:
@@ -95,7 +96,7 @@ class RedisDispatcher:
         self._positions = await self._queue_positions()
 
     async def _refresh_forever(self) -> None:
-        while True:
+        while not self._closing:  # a flag, not only cancellation: redis-py can swallow a cancel mid-command
             await asyncio.sleep(REFRESH_SECONDS)
             try:
                 await self.refresh()
@@ -154,10 +155,10 @@ class RedisDispatcher:
         return self._positions.get(job.id)
 
     async def close(self) -> None:
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait([self._task], timeout=4 * REFRESH_SECONDS)
 
 
 def redis_reason(error: BaseException) -> str:

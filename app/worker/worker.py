@@ -287,7 +287,7 @@ class Worker:
     def _shutdown(self) -> None:
         deadline = time.monotonic() + self.settings.worker_grace_seconds
         with self._changed:
-            if self._claims:
+            if self._claims and self.settings.worker_grace_seconds > 0:
                 log.info(
                     "worker %s: finishing %d job(s) (grace %.0f s)",
                     self.name,

@@ -204,6 +204,29 @@ def test_sigterm_finishes_running_jobs_in_the_grace_period_or_hands_them_back_an
 
 
 @pytest.mark.timeout(150)
+def test_a_stalled_worker_that_wakes_after_a_takeover_does_not_end_the_job_a_second_time(cluster):
+    r = cluster.redis
+    stalled = cluster.workers["b"]
+    with cluster.client() as client:
+        ids = submit(client, 4, n=8, steps=50)  # one per worker at a time
+        wait_until(lambda: pending_on(r, "b"), 30, "worker b to hold a job")
+        entry = pending_on(r, "b")[0]
+        job_id = job_of_entry(cluster, entry)
+        wait_until(lambda: client.get(f"/jobs/{job_id}").json()["status"] == "running", 30, "it to run")
+        stalled.signal(signal.SIGSTOP)  # alive, but silent: no heartbeat, no claim renewal
+        try:
+            wait_until(lambda: entry in pending_on(r, "a"), 30, "worker a to take the job over")
+        finally:
+            stalled.signal(signal.SIGCONT)  # b goes on with its copy of the job, or notices and drops it
+        jobs = wait_all(client, ids, timeout=90)
+        assert_succeeded_once(cluster, client, jobs)
+    wait_until(
+        lambda: not pending_on(r, "a") and not pending_on(r, "b"), 10, "every entry to be acknowledged"
+    )
+    assert stalled.alive()
+
+
+@pytest.mark.timeout(150)
 def test_a_killed_worker_s_jobs_succeed_on_the_other_exactly_once_after_the_reclaim_time(cluster):
     r = cluster.redis
     with cluster.client() as client:

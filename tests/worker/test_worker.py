@@ -1,0 +1,151 @@
+"""Worker rules, in-process: completion once, cancellation within a step, skipping, dead letters, 429s."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+
+from app import metrics
+from app.api.dispatch import QueueFull
+from app.api.redis_dispatch import RedisDispatcher
+from app.engine.work import Work
+from app.jobs import EventType, JobRecord, Status
+from app.jobs.redis_connect import sync_client
+from app.jobs.redis_keys import GROUP, Keys
+from app.jobs.redis_store import RedisJobStore
+from app.jobs.redis_writer import ENDED, JobWriter
+from app.jobs.registry import ModelSpec
+from app.settings import Settings
+from app.worker import Worker
+from tests.redis_server import RedisServer
+from tests.tiny import tiny_checkpoint
+
+pytestmark = pytest.mark.anyio
+
+KEYS = Keys()
+
+
+def settings(server: RedisServer, **overrides) -> Settings:
+    values = dict(
+        redis_url=server.url,
+        device="cpu",
+        max_batch=8,
+        worker_heartbeat_seconds=0.1,
+        reclaim_idle_seconds=0.4,
+        max_queued_jobs=3,
+    )
+    return Settings(**{**values, **overrides})
+
+
+@pytest.fixture
+async def dispatcher(redis_server, r) -> AsyncIterator[RedisDispatcher]:
+    r.hset(KEYS.models, "tiny", ModelSpec.of(tiny_checkpoint(timesteps=50)).to_json())  # as a worker would
+    store = RedisJobStore.from_url(redis_server.url, 60)
+    dispatcher = await RedisDispatcher.open(settings(redis_server), store)
+    yield dispatcher
+    await dispatcher.close()
+    await store.close()
+
+
+async def submit(dispatcher: RedisDispatcher, *, n: int = 1, steps: int = 50) -> JobRecord:
+    job = JobRecord(id=f"job{time.monotonic_ns()}", kind="sample", model="tiny", params={"n": n}, steps=steps)
+    params = dict(n=n, steps=steps, sampler="ddpm", eta=0.0, variance="beta", clip_denoised=True, seed=1)
+    await dispatcher.submit(job, Work(job.id, "sample", "tiny", {**params, "stream_every": 1}))
+    return job
+
+
+def status(r: redis.Redis, job_id: str) -> str:
+    return r.hget(KEYS.job(job_id), "status").decode()
+
+
+def final_events(r: redis.Redis, job_id: str) -> list[bytes]:
+    return [f[b"type"] for _, f in r.xrange(KEYS.events(job_id)) if f[b"type"] != b"progress"]
+
+
+async def test_two_workers_ending_one_job_store_one_result_and_make_one_transition(
+    dispatcher, r, redis_server
+):
+    job = await submit(dispatcher)
+    first, second = (JobWriter(sync_client(redis_server.url), 60) for _ in range(2))
+    first.update(job.id, status=Status.RUNNING)
+    done = (EventType.DONE, {"status": "succeeded"})
+    assert (
+        first.end(job.id, Status.SUCCEEDED, done, {"result": {"image_count": 1}}, {"0.png": b"first"})
+        == ENDED
+    )
+    assert (
+        second.end(job.id, Status.SUCCEEDED, done, {"result": {"image_count": 1}}, {"0.png": b"late"})
+        == "succeeded"
+    )
+    error = (EventType.ERROR, {"code": "x", "message": "y"})
+    assert second.end(job.id, Status.FAILED, error, {}) == "succeeded"
+    assert r.hget(KEYS.results(job.id), "0.png") == b"first"
+    assert final_events(r, job.id) == [b"done"]
+    assert not r.exists(KEYS.inputs(job.id))  # inputs go once the job has ended
+
+
+async def test_a_running_job_is_cancelled_within_a_step_and_a_cancelled_queued_one_never_starts(
+    dispatcher, r, redis_server
+):
+    worker = Worker(settings(redis_server), {"tiny": tiny_checkpoint(timesteps=50)}, r, name="w")
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        running = await submit(dispatcher, n=8, steps=50)  # fills the worker's 8 rows
+        queued = await submit(dispatcher, n=1)
+        deadline = time.monotonic() + 20
+        while status(r, running.id) != "running":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        await dispatcher.cancel(queued)
+        asked = time.monotonic()
+        await dispatcher.cancel(running)
+        while status(r, running.id) != "cancelled":
+            assert time.monotonic() - asked < 2, status(r, running.id)
+            await asyncio.sleep(0.01)
+        assert int(r.hget(KEYS.job(running.id), "step")) < 50
+        await asyncio.sleep(0.5)  # the worker has free rows again: it would have started the queued one
+        assert status(r, queued.id) == "cancelled" and r.hget(KEYS.job(queued.id), "started_at") == b"null"
+        assert final_events(r, running.id) == [b"done"] and final_events(r, queued.id) == [b"done"]
+        assert r.xlen(KEYS.queue("tiny")) == 0 and r.xpending(KEYS.queue("tiny"), GROUP)["pending"] == 0
+    finally:
+        worker.stop()
+        thread.join(30)
+    assert not thread.is_alive()
+
+
+async def test_a_job_whose_workers_keep_dying_fails_into_the_dead_letter_stream(dispatcher, r, redis_server):
+    job = await submit(dispatcher)
+    queue = KEYS.queue("tiny")
+    r.xreadgroup(GROUP, "ghost", {queue: ">"}, count=1)  # a worker that takes the job and dies
+    worker = Worker(
+        settings(redis_server, max_deliveries=1), {"tiny": tiny_checkpoint(timesteps=50)}, r, name="w"
+    )
+    dead_before = metrics.DEAD_LETTERS.labels(model="tiny")._value.get()
+    time.sleep(0.45)  # past the reclaim time
+    worker._start_all(worker.queue.take_over(8))
+
+    assert status(r, job.id) == "failed"
+    error = r.hget(KEYS.job(job.id), "error").decode()
+    assert "worker_lost" in error and "dead-letter" in error and "max_deliveries = 1" in error
+    [(_, letter)] = r.xrange(KEYS.dead_letter("tiny"))
+    assert letter[b"job"].decode() == job.id and letter[b"deliveries"] == b"2"
+    assert r.xlen(queue) == 0 and r.xpending(queue, GROUP)["pending"] == 0
+    assert metrics.DEAD_LETTERS.labels(model="tiny")._value.get() == dead_before + 1
+
+
+async def test_queue_positions_and_the_full_queue_in_redis(dispatcher, r):
+    jobs = [await submit(dispatcher) for _ in range(3)]
+    assert [dispatcher.queue_position(job) for job in jobs] == [1, 2, 3]
+    with pytest.raises(QueueFull):
+        await submit(dispatcher)
+    r.xreadgroup(GROUP, "someone", {KEYS.queue("tiny"): ">"}, count=1)  # a worker claims the first
+    await dispatcher.refresh()
+    assert [dispatcher.queue_position(job) for job in jobs] == [None, 1, 2]
+    await dispatcher.cancel(jobs[2])  # a cancelled queued job leaves the queue at once
+    await submit(dispatcher)
