@@ -18,7 +18,7 @@ import redis.asyncio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.api.dispatch import CancelOutcome, ModelEntry, QueueFull
@@ -166,17 +166,17 @@ def redis_reason(error: BaseException) -> str:
 
 
 async def _redis_unavailable(_: Request, exc: Exception) -> JSONResponse:
-    return error_response(
-        ApiError(
-            503,
-            "redis_unavailable",
-            f"the job store (Redis) is unreachable ({redis_reason(exc)}); retry in a few seconds",
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-        )
-    )
+    if isinstance(exc, OutOfMemoryError):  # maxmemory-policy noeviction: writes refused, nothing dropped
+        code, message = "redis_full", "the job store (Redis) is out of memory; retry when jobs have expired"
+    else:
+        code = "redis_unavailable"
+        message = f"the job store (Redis) is unreachable ({redis_reason(exc)}); retry in a few seconds"
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+    return error_response(ApiError(503, code, message, headers=headers))
 
 
 def install_error_handler(app: FastAPI) -> None:
-    """Redis connection failures in any route become 503 `redis_unavailable`, not 500."""
-    app.add_exception_handler(RedisConnectionError, _redis_unavailable)
-    app.add_exception_handler(RedisTimeoutError, _redis_unavailable)
+    """Redis being away (down, unreachable, a replica during failover) or full becomes a 503 saying so in
+    any route, not a 500."""
+    for error in (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMemoryError):
+        app.add_exception_handler(error, _redis_unavailable)

@@ -138,7 +138,9 @@ def test_a_new_api_process_serves_the_jobs_and_streams_of_one_that_died(cluster)
 
 
 @pytest.mark.timeout(120)
-def test_while_redis_is_unreachable_requests_get_clear_503s_and_the_service_recovers_by_itself(cluster):
+def test_while_redis_is_unreachable_or_full_requests_get_clear_503s_and_the_service_recovers_by_itself(
+    cluster,
+):
     cluster.redis_server.stop(signal.SIGKILL)
     with cluster.client(timeout=10) as client:
         started = time.monotonic()
@@ -157,6 +159,14 @@ def test_while_redis_is_unreachable_requests_get_clear_503s_and_the_service_reco
         wait_until(lambda: client.get("/readyz").status_code == 200, 20, "readyz after Redis came back")
         job = client.post("/sample", params={"wait": "true"}, json={"steps": 5}).json()
         assert job["status"] == "succeeded"
+
+        cluster.redis.config_set("maxmemory", 1)  # full: with noeviction, Redis refuses writes
+        full = client.post("/sample", json={"steps": 2})
+        assert full.status_code == 503 and full.json()["error"]["code"] == "redis_full", full.text
+        cluster.redis.config_set("maxmemory", 0)
+        assert (
+            client.post("/sample", params={"wait": "true"}, json={"steps": 2}).json()["status"] == "succeeded"
+        )
     assert all(p.alive() for p in [cluster.apis[-1], *cluster.workers.values()])  # nothing restarted
 
 
