@@ -52,6 +52,13 @@ class JobService:
 
     def model(self, name: str | None) -> ModelEntry:
         """The named model, or the default one; 404 naming the loaded models otherwise."""
+        if not self.models:  # distributed mode before any worker has published its models
+            raise ApiError(
+                503,
+                "not_ready",
+                "no model is available yet: no worker has started",
+                headers={"Retry-After": "5"},
+            )
         entry = self.models.get(name if name is not None else (self.dispatcher.default_model() or ""))
         if entry is None:
             raise ApiError(404, "unknown_model", f"no model {name!r}; loaded: {', '.join(self.models)}")

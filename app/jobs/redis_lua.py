@@ -189,6 +189,22 @@ end
 return lost
 """
 
+# Forget consumers of workers that are gone: ones with nothing pending and no heartbeat key, checked and
+# deleted in one step (deleting a consumer drops its pending entries, so a check done apart from the
+# delete could lose an entry claimed in between). KEYS[1]: a queue; KEYS[2…]: the candidates' heartbeat
+# keys. ARGV: group, the candidates' names  ->  how many were deleted.
+PRUNE_CONSUMERS = r"""
+local deleted = 0
+for i = 2, #ARGV do
+  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[i])
+  if #pending == 0 and redis.call('EXISTS', KEYS[i]) == 0 then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[i])
+    deleted = deleted + 1
+  end
+end
+return deleted
+"""
+
 
 def to_json(value: Any) -> str:
     """A record field as stored: JSON, datetimes as ISO 8601 (what JobRecord.from_dict reads back)."""

@@ -67,6 +67,7 @@ class QueueConsumer:
         self.reclaim_idle_ms = reclaim_idle_ms
         self.max_deliveries = max_deliveries
         self._reclaim_own = client.register_script(lua.RECLAIM_OWN)
+        self._prune = client.register_script(lua.PRUNE_CONSUMERS)
 
     def ensure_groups(self) -> None:
         """Create each queue and its group (from the start of the stream, so nothing queued is skipped)."""
@@ -148,6 +149,19 @@ class QueueConsumer:
                 reply = self._reclaim_own(keys=[queue], args=[GROUP, self.name, idle_ms, *ids])
                 lost.update(entry_id.decode() for entry_id in reply)
         return lost
+
+    def prune_consumers(self) -> int:
+        """Delete the group's consumers that hold nothing and whose worker has no heartbeat (each restart
+        of a worker named HOST-PID leaves one behind); how many were deleted."""
+        deleted = 0
+        for queue in self.queues:
+            consumers = self.redis.xinfo_consumers(queue, GROUP)
+            names = [c["name"].decode() for c in consumers if c["pending"] == 0]
+            names = [name for name in names if name != self.name]
+            if names:
+                keys = [queue, *(self.keys.worker(name) for name in names)]
+                deleted += self._prune(keys=keys, args=[GROUP, *names])
+        return deleted
 
     def ack(self, delivery: Delivery) -> None:
         """Done with an entry: acknowledge and delete it (together, so queue length = waiting + pending)."""

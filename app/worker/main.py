@@ -74,3 +74,5 @@ def main(argv: list[str] | None = None) -> None:
     if settings.worker_metrics_port is not None:
         start_http_server(settings.worker_metrics_port)
     worker.run()
+    if worker.engine_died:
+        sys.exit("ddpm-worker: an engine thread died (see the log); its jobs were handed back")

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 CANCEL_POLL_SECONDS = 0.1  # a running job sees its cancellation within about one step
 READ_BLOCK_MS = 500  # how long one XREADGROUP waits: bounds how late SIGTERM or a freed row is noticed
 HANDED_BACK_WAIT_SECONDS = 5.0  # for the engines to drop the jobs handed back at shutdown
+PRUNE_EVERY_HEARTBEATS = 20  # how often a worker forgets the consumers of workers that are gone
 
 
 def default_name() -> str:
@@ -98,6 +99,7 @@ class Worker:
         self._stopping = threading.Event()  # no more claiming
         self._done = threading.Event()  # side threads end
         self._heartbeat_ttl = ttl_ms(3 * settings.worker_heartbeat_seconds)
+        self.engine_died = False
 
     # ---- life cycle ----------------------------------------------------------------------------
     def stop(self) -> None:
@@ -105,7 +107,8 @@ class Worker:
         self._stopping.set()
 
     def run(self) -> None:
-        """Serve until `stop()`, then shut down gracefully; returns when everything has stopped."""
+        """Serve until `stop()` (or until an engine thread dies: `engine_died`), then shut down gracefully;
+        returns when everything has stopped."""
         self.pool.start()
         self._until_connected(self._announce)
         threads = [
@@ -148,6 +151,10 @@ class Worker:
         next_takeover = 0.0
         delay = 0.1
         while not self._stopping.is_set():
+            if not self.pool.alive:  # its jobs would never end: give them to others and exit non-zero
+                log.error("worker %s: an engine thread died; handing its jobs back and exiting", self.name)
+                self.engine_died = True
+                return
             try:
                 free = self.free_rows()
                 if free <= 0:
@@ -228,10 +235,14 @@ class Worker:
 
     # ---- side threads --------------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:
+        beats = 0
         while not self._done.wait(self.settings.worker_heartbeat_seconds):
+            beats += 1
             try:
                 registry.heartbeat(self.redis, self.keys, self.info, self._heartbeat_ttl)
                 self._keep_claims()
+                if beats % PRUNE_EVERY_HEARTBEATS == 0:
+                    self.queue.prune_consumers()
                 for model, stats in self.queue.stats().items():
                     metrics.QUEUE_WAITING.labels(model=model).set(stats.waiting)
                     metrics.QUEUE_PENDING.labels(model=model).set(stats.pending)
@@ -285,14 +296,15 @@ class Worker:
 
     # ---- shutdown ------------------------------------------------------------------------------
     def _shutdown(self) -> None:
-        deadline = time.monotonic() + self.settings.worker_grace_seconds
+        grace = 0.0 if self.engine_died else self.settings.worker_grace_seconds
+        deadline = time.monotonic() + grace
         with self._changed:
-            if self._claims and self.settings.worker_grace_seconds > 0:
+            if self._claims and grace > 0:
                 log.info(
                     "worker %s: finishing %d job(s) (grace %.0f s)",
                     self.name,
                     len(self._claims),
-                    self.settings.worker_grace_seconds,
+                    grace,
                 )
             while self._claims and time.monotonic() < deadline:
                 self._changed.wait(max(0.0, min(0.5, deadline - time.monotonic())))

@@ -149,3 +149,36 @@ async def test_queue_positions_and_the_full_queue_in_redis(dispatcher, r):
     assert [dispatcher.queue_position(job) for job in jobs] == [None, 1, 2]
     await dispatcher.cancel(jobs[2])  # a cancelled queued job leaves the queue at once
     await submit(dispatcher)
+
+
+async def test_a_worker_whose_engine_died_hands_its_jobs_back_and_stops(dispatcher, r, redis_server):
+    worker = Worker(settings(redis_server), {"tiny": tiny_checkpoint(timesteps=50)}, r, name="w")
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    job = await submit(dispatcher, n=8, steps=50)
+    deadline = time.monotonic() + 20
+    while status(r, job.id) != "running":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    worker.pool.stop(5)  # as if the engine thread had crashed
+    thread.join(20)
+    assert not thread.is_alive() and worker.engine_died
+    [pending] = r.xpending_range(KEYS.queue("tiny"), GROUP, min="-", max="+", count=10)
+    assert pending["time_since_delivered"] > 400  # handed back: idle past the reclaim time, others take it
+    assert not r.exists(KEYS.worker("w"))  # and gone from the live workers
+
+
+async def test_consumers_of_vanished_workers_are_forgotten_unless_they_hold_entries(
+    dispatcher, r, redis_server
+):
+    queue = KEYS.queue("tiny")
+    for _ in range(3):
+        await submit(dispatcher)
+    r.xreadgroup(GROUP, "holder", {queue: ">"}, count=1)  # dead, but an entry is pending on it
+    for name in ("gone", "alive"):  # both hold nothing; only "alive" heartbeats
+        [[_, [(entry, _)]]] = r.xreadgroup(GROUP, name, {queue: ">"}, count=1)
+        r.xack(queue, GROUP, entry)
+    r.set(KEYS.worker("alive"), "{}")
+    worker = Worker(settings(redis_server), {"tiny": tiny_checkpoint(timesteps=50)}, r, name="w")
+    assert worker.queue.prune_consumers() == 1
+    assert {c["name"] for c in r.xinfo_consumers(queue, GROUP)} == {b"holder", b"alive"}
