@@ -21,6 +21,7 @@ from app.jobs.redis_keys import GROUP, Keys
 
 log = logging.getLogger(__name__)
 
+_MAX_SCAN_CALLS = 10  # XAUTOCLAIM calls per queue and pass: 100 × COUNT pending entries looked at
 DEAD_LETTER_MAXLEN = 10_000  # approximate cap: the dead-letter stream is for inspection, not a backlog
 
 
@@ -100,13 +101,20 @@ class QueueConsumer:
         """Up to `count` entries idle past the reclaim time (their worker died or stalled), now this one's."""
         taken: list[Delivery] = []
         for queue, model in self.queues.items():
-            if len(taken) >= count:
-                break
-            reply = self.redis.xautoclaim(
-                queue, GROUP, self.name, self.reclaim_idle_ms, start_id="0-0", count=count - len(taken)
-            )
-            entries = [(entry_id, fields) for entry_id, fields in reply[1] if fields]
-            taken += self._with_counts(queue, model, entries)
+            cursor: bytes | str = "0-0"
+            # XAUTOCLAIM looks at no more than 10 × COUNT pending entries per call: follow its cursor
+            # past the live workers' entries, up to a bound that keeps one pass short.
+            for _ in range(_MAX_SCAN_CALLS):
+                if len(taken) >= count:
+                    return taken
+                reply = self.redis.xautoclaim(
+                    queue, GROUP, self.name, self.reclaim_idle_ms, start_id=cursor, count=count - len(taken)
+                )
+                entries = [(entry_id, fields) for entry_id, fields in reply[1] if fields]
+                taken += self._with_counts(queue, model, entries)
+                cursor = reply[0]
+                if cursor in (b"0-0", "0-0"):
+                    break
         return taken
 
     def own_leftovers(self) -> list[Delivery]:

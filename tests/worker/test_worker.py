@@ -182,3 +182,16 @@ async def test_consumers_of_vanished_workers_are_forgotten_unless_they_hold_entr
     worker = Worker(settings(redis_server), {"tiny": tiny_checkpoint(timesteps=50)}, r, name="w")
     assert worker.queue.prune_consumers() == 1
     assert {c["name"] for c in r.xinfo_consumers(queue, GROUP)} == {b"holder", b"alive"}
+
+
+async def test_takeover_finds_a_dead_worker_s_entry_behind_many_live_ones(dispatcher, r, redis_server):
+    queue = KEYS.queue("tiny")
+    for _ in range(9):  # 27 jobs, all claimed by a live worker (3 at a time: the queue holds 3)
+        for _ in range(3):
+            await submit(dispatcher)
+        r.xreadgroup(GROUP, "live", {queue: ">"}, count=3)
+    last = r.xrevrange(queue, count=1)[0][0]
+    r.xclaim(queue, GROUP, "ghost", 0, [last], idle=10_000)  # the newest entry, on a dead worker
+    worker = Worker(settings(redis_server), {"tiny": tiny_checkpoint(timesteps=50)}, r, name="w")
+    [taken] = worker.queue.take_over(1)  # XAUTOCLAIM looks at 10 entries per call: it must go on
+    assert taken.entry_id == last.decode() and taken.reclaimed
