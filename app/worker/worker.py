@@ -323,10 +323,11 @@ class Worker:
                     e,
                     self.settings.reclaim_idle_seconds,
                 )
-            for claim in remaining:
-                self.pool.cancel(claim.work.job_id, claim.work.model)
-            with self._changed:
-                self._changed.wait_for(lambda: not self._claims, HANDED_BACK_WAIT_SECONDS)
+            if not self.engine_died:  # a dead engine reports nothing: there is nothing to wait for
+                for claim in remaining:
+                    self.pool.cancel(claim.work.job_id, claim.work.model)
+                with self._changed:
+                    self._changed.wait_for(lambda: not self._claims, HANDED_BACK_WAIT_SECONDS)
         self.pool.stop(HANDED_BACK_WAIT_SECONDS)
         self.listener.close(deadline=max(deadline, time.monotonic() + 1.0))
         try:

@@ -6,14 +6,18 @@ serving. Reclaim time 2 s, heartbeats every 0.5 s (conftest.py).
 
 from __future__ import annotations
 
+import base64
+import io
 import signal
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 
 import httpx
+import numpy as np
 import pytest
 
+from tests.api.conftest import live_server, png_b64, server_settings
 from tests.distributed.conftest import (
     RECLAIM_SECONDS,
     Cluster,
@@ -110,6 +114,43 @@ def test_a_few_hundred_jobs_from_many_clients_all_succeed_once_in_bounded_memory
         assert grown < 48 * 2**20, (
             f"{name} grew by {grown / 2**20:.0f} MiB over 208 jobs ({before} -> {after})"
         )
+
+
+@pytest.mark.timeout(120)
+def test_every_kind_of_job_gives_through_the_queue_what_it_gives_in_process(cluster):
+    """Work crosses Redis intact (params as JSON, uploads and latents as .npy): the same seeds give the
+    same numbers as the embedded engines, also for a job that starts from an earlier job's image."""
+    latents = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    buf = io.BytesIO()
+    np.save(buf, latents)
+    requests = [
+        ("/sample", {"n": 2, "steps": 10, "seed": 1, "latents": base64.b64encode(buf.getvalue()).decode()}),
+        (
+            "/interpolate",
+            {"a": {"image": png_b64(1)}, "b": {"image": png_b64(2)}, "t": 10, "num": 3, "seed": 2},
+        ),
+        ("/reconstruct", {"image": png_b64(3), "t": 10, "n": 2, "seed": 3}),
+        ("/likelihood", {"images": [png_b64(4), png_b64(5)], "seed": 4}),
+    ]
+
+    def outputs(client: httpx.Client) -> list[np.ndarray]:
+        jobs = [client.post(route, params={"wait": "true"}, json=body).json() for route, body in requests]
+        from_job = {"a": {"job": jobs[0]["id"], "index": 1}, "b": {"image": png_b64(6)}, "t": 5, "num": 2}
+        jobs.append(client.post("/interpolate", params={"wait": "true"}, json={**from_job, "seed": 5}).json())
+        assert [job["status"] for job in jobs] == ["succeeded"] * 5, jobs
+        return [
+            np.array(job["result"]["bits_per_dim"])
+            if job["kind"] == "likelihood"
+            else np.load(io.BytesIO(client.get(f"/jobs/{job['id']}/images.npy").content))
+            for job in jobs
+        ]
+
+    with cluster.client() as client:
+        distributed = outputs(client)
+    with live_server(server_settings([str(cluster.model)])) as live, live.client() as client:
+        embedded = outputs(client)
+    for d, e in zip(distributed, embedded, strict=True):
+        np.testing.assert_allclose(d, e, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.timeout(120)
