@@ -221,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--num-res-blocks", dest="num_res_blocks", type=int)
     t.add_argument("--attn-resolutions", dest="attn_resolutions", type=_tuple)
     t.add_argument("--dropout", type=float)
+    t.add_argument("--norm-groups", dest="norm_num_groups", type=int, help="GroupNorm groups (default 32)")
     t.add_argument("--beta-schedule", dest="beta_schedule", choices=("linear", "cosine"))
     t.add_argument("--variance-type", dest="variance_type", choices=("fixed_large", "fixed_small"))
     t.add_argument("--steps", type=int)

@@ -167,9 +167,12 @@ class UNetConfig:
         num_res_blocks: int = 2,
         attn_resolutions: tuple[int, ...] = (16,),
         dropout: float = 0.1,
+        norm_num_groups: int = 32,
     ) -> UNetConfig:
         """The original code's hyperparameters (`diffusion_tf/models/unet.py: model`) in diffusers terms:
-        attention at every level whose input resolution is in `attn_resolutions`, up path mirrored."""
+        attention at every level whose input resolution is in `attn_resolutions`, up path mirrored.
+        `norm_num_groups` is the paper's 32 unless a small model needs fewer (GroupNorm(32) on 32
+        channels is an instance norm, which loses each channel's mean)."""
         level_resolutions = [resolution // 2**i for i in range(len(ch_mult))]
         missing = sorted(set(attn_resolutions) - set(level_resolutions))
         if missing:
@@ -184,6 +187,7 @@ class UNetConfig:
             block_out_channels=tuple(ch * m for m in ch_mult),
             layers_per_block=num_res_blocks,
             dropout=dropout,
+            norm_num_groups=norm_num_groups,
         )
 
     def num_parameters(self) -> int:

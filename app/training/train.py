@@ -41,6 +41,10 @@ class TrainConfig:
     num_res_blocks: int = 2
     attn_resolutions: tuple[int, ...] = (7,)
     dropout: float = 0.1
+    # GroupNorm groups. At 1 channel a group (ch=32 with the paper's 32) every norm removes each
+    # channel's spatial mean, and the net cannot pass x_t's mean through to ε: samples drift to a
+    # grey background. Small models want ≥ 2 channels a group.
+    norm_num_groups: int = 32
     num_timesteps: int = 1000
     beta_schedule: str = "linear"
     beta_start: float = 1e-4
@@ -72,6 +76,7 @@ class TrainConfig:
         "beta_start",
         "beta_end",
         "resolution",
+        "norm_num_groups",
     )
 
     def unet_config(self, *, resolution: int, channels: int) -> UNetConfig:
@@ -83,6 +88,7 @@ class TrainConfig:
             num_res_blocks=self.num_res_blocks,
             attn_resolutions=tuple(self.attn_resolutions),
             dropout=self.dropout,
+            norm_num_groups=self.norm_num_groups,
         )
 
     def scheduler_config(self) -> SchedulerConfig:

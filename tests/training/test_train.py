@@ -117,3 +117,9 @@ def test_a_new_run_can_start_from_a_saved_model(digits, tmp_path):
         assert torch.equal(p, q)
     with pytest.raises(SystemExit, match="another architecture"):
         Trainer(_config(digits, tmp_path / "g", steps=4, ch=64, init_from=str(model)))
+
+
+def test_norm_groups_reach_the_network(digits, tmp_path):
+    trainer = Trainer(_config(digits, tmp_path / "h", steps=1, norm_num_groups=8))
+    assert trainer.unet_config.norm_num_groups == 8
+    assert trainer.model.conv_norm_out.num_groups == 8
