@@ -2,20 +2,28 @@
 
 Flags override `DDPM_*` environment variables; `--help` lists every variable with its default,
 generated from `Settings`, so the two never drift apart.
+
+SIGTERM (or Ctrl-C): uvicorn stops accepting connections and lets the requests in flight finish (up to
+`GRACEFUL_SHUTDOWN_SECONDS`). Open `/stream` connections would hold that until their jobs end, so
+first every stream is ended with a `shutdown` event (app/api/sse.py), which tells its client to resume
+with Last-Event-ID elsewhere. Then the engines stop (embedded) and the process exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import textwrap
+from typing import Any
 
 from pydantic import ValidationError
 
 from app.settings import Settings
 
-GRACEFUL_SHUTDOWN_SECONDS = 10  # open SSE streams would otherwise hold the shutdown until their jobs end
+STARTUP_FAILURE = 3  # uvicorn's exit status when the server did not start
+GRACEFUL_SHUTDOWN_SECONDS = 10  # for requests in flight at SIGTERM; open streams end at once (below)
 
 
 def _settings_help() -> str:
@@ -70,10 +78,29 @@ def main(argv: list[str] | None = None) -> None:
     from app.api import create_app
 
     app = create_app(settings)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
+    server = draining_server(config)
+    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run does
+        server.run()
+    if not server.started:  # it could not bind, or the app's start-up failed (both logged)
+        sys.exit(STARTUP_FAILURE)
+
+
+def draining_server(config: Any) -> Any:
+    """A uvicorn `Server` for `config` (whose app is ours) that ends the app's open streams as its
+    shutdown starts, before it waits for the connections in flight: uvicorn tells the app nothing until
+    every connection has closed."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            self.config.app.state.draining.set()
+            await super().shutdown(sockets=sockets)
+
+    return DrainingServer(config)

@@ -83,3 +83,81 @@ def test_the_serve_command_starts_a_server_that_answers(tmp_path):
     finally:
         process.terminate()
         process.wait(20)
+
+
+@pytest.mark.service
+def test_sigterm_ends_open_streams_at_once_and_lets_requests_in_flight_finish(tmp_path):
+    """SIGTERM: every open /stream ends within a moment with a `shutdown` event (no id: the client's
+    Last-Event-ID stays that of the last event it got), a request whose body is still arriving is
+    answered, and the process exits; none of it waits for the running job or the graceful timeout."""
+    import json
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from app.serve import GRACEFUL_SHUTDOWN_SECONDS
+    from tests.api.conftest import read_sse, save_tiny
+
+    model = save_tiny(tmp_path / "tiny", timesteps=1000, variance_type="fixed_large")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path / "serve.log"
+    command = [sys.executable, "-c", "from app.cli import serve_main; serve_main()"]
+    args = ["--model", str(model), "--port", str(port), "--device", "cpu"]
+    with log.open("wb") as out:
+        process = subprocess.Popen([*command, *args], stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "ddpm-serve was not ready within 60 s"
+            time.sleep(0.1)
+        # A long job: 1000 steps of 8 images is tens of seconds here, far past the graceful timeout.
+        job = httpx.post(f"{base}/sample", json={"n": 8, "stream_every": 5}, timeout=10).json()
+        body = json.dumps({"steps": 2}).encode()
+        head = (
+            f"POST /sample HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        messages, signalled, ended = [], 0.0, 0.0
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as slow,
+            httpx.stream("GET", f"{base}/stream/{job['id']}", timeout=30) as stream,
+        ):
+            for message in read_sse(stream):
+                messages.append(message)
+                if not signalled:  # the job runs and the stream is live: a request starts, then SIGTERM
+                    slow.sendall(head + body[:5])
+                    time.sleep(0.5)  # the server has read the headers: the request is in flight
+                    process.send_signal(signal.SIGTERM)
+                    signalled = time.monotonic()
+            ended = time.monotonic()
+            slow.sendall(body[5:])  # the rest of the body, after the streams have ended
+            reply = b""
+            while chunk := slow.recv(65536):
+                reply += chunk
+        code = process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    text = log.read_text()
+    assert messages[0].event == "progress" and messages[-1].event == "shutdown", (messages[-3:], text)
+    assert messages[-1].id is None and messages[-1].data["code"] == "server_shutdown"
+    assert all(m.event == "progress" and m.id is not None for m in messages[:-1])
+    assert ended - signalled < GRACEFUL_SHUTDOWN_SECONDS / 2, (ended - signalled, text)
+    status_line, _, rest = reply.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 202 Accepted", reply[:500]
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["status"] == "queued"
+    assert code == -signal.SIGTERM and "Finished server process" in text, text[-3000:]

@@ -6,7 +6,8 @@ Embedded (no DDPM_REDIS_URL): start-up loads every model (off the event loop; uv
 until it is done, so a bad model reference stops the process with its error), starts one engine thread
 per model and the job runner that records what they report; shut-down stops the engines, then flushes
 pending writes. Distributed: jobs, events and results live in Redis and `ddpm-worker` processes run
-them; this process loads no model (app/api/redis_dispatch.py).
+them; this process loads no model (app/api/redis_dispatch.py). `app.state.draining` (app/api/sse.py)
+is what ends open streams when shutdown starts; `ddpm-serve` sets it before waiting for connections.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from app.api.errors import install_error_handlers
 from app.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from app.api.routes import ROUTERS
 from app.api.service import JobService
-from app.api.sse import StreamLimiter
+from app.api.sse import Draining, StreamLimiter
 from app.jobs import make_store
 from app.settings import Settings
 
@@ -55,9 +56,11 @@ def create_app(
         else:
             dispatcher = await LocalDispatcher.open(settings, store, checkpoints)
         app.state.service = JobService(settings, store, dispatcher)
+        app.state.draining = Draining()  # a fresh one per run of the app (tests start an app repeatedly)
         try:
             yield
         finally:
+            app.state.draining.set()  # ddpm-serve sets it earlier, when shutdown starts (app/serve.py)
             app.state.service = None
             await dispatcher.close()
             await store.close()
@@ -67,6 +70,7 @@ def create_app(
     app.state.store = store
     app.state.service = None
     app.state.streams = StreamLimiter(settings.max_streams_per_key)
+    app.state.draining = Draining()  # set when shutdown starts: open streams end with a `shutdown` event
     install_error_handlers(app)
     if settings.redis_url:
         from app.api.redis_dispatch import install_error_handler

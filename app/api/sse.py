@@ -1,8 +1,9 @@
-"""Server-Sent Events plumbing: wire format, a per-key connection limit and a response that always
-releases its slot when the connection ends."""
+"""Server-Sent Events plumbing: wire format, a per-key connection limit, the shutdown signal that ends
+open streams, and a response that always releases its slot when the connection ends."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections import Counter
@@ -16,12 +17,56 @@ from starlette.types import Receive, Scope, Send
 from app import metrics
 
 HEARTBEAT = b": heartbeat\n\n"
+SHUTDOWN_EVENT = "shutdown"
+SHUTDOWN_DATA = {
+    "code": "server_shutdown",
+    "message": "this server is shutting down; reconnect with Last-Event-ID to resume where you were",
+}
 
 
 def format_event(event_id: int, event: str, data: Any) -> bytes:
     """One SSE message; JSON data has no raw newlines, so one `data:` line always suffices."""
     payload = json.dumps(data, separators=(",", ":"), default=str)
     return f"id: {event_id}\nevent: {event}\ndata: {payload}\n\n".encode()
+
+
+def shutdown_message() -> bytes:
+    """The last message of a stream that ends because this server is stopping, not because the job ended.
+
+    It has no `id:`, so a client's Last-Event-ID stays that of the last event it received: reconnecting
+    with it (to another replica, or to this service once it is back) resumes without a gap or a repeat.
+    Clients that do not know the event type ignore it, and see the stream close before `done`/`error`,
+    which they already treat as a dropped connection to resume.
+    """
+    payload = json.dumps(SHUTDOWN_DATA, separators=(",", ":"))
+    return f"event: {SHUTDOWN_EVENT}\ndata: {payload}\n\n".encode()
+
+
+class Draining:
+    """Set once, when the server starts shutting down (before it waits for open connections to finish):
+    every open `/stream` then ends at once with a `shutdown` event, instead of holding the shutdown until
+    its job ends or the server's graceful timeout cuts it. Event-loop only: no lock."""
+
+    def __init__(self) -> None:
+        self._future: asyncio.Future[None] | None = None
+        self._set = False
+
+    @property
+    def is_set(self) -> bool:
+        return self._set
+
+    def future(self) -> asyncio.Future[None]:
+        """Done once draining started; shared by every stream of this process (created on first use)."""
+        if self._future is None or self._future.get_loop() is not asyncio.get_running_loop():
+            self._future = asyncio.get_running_loop().create_future()
+            if self._set:
+                self._future.set_result(None)
+        return self._future
+
+    def set(self) -> None:
+        self._set = True
+        if self._future is not None and not self._future.done():
+            self._future.set_result(None)
 
 
 class StreamLimiter:

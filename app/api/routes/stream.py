@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -13,7 +14,14 @@ from app.api import schemas
 from app.api.deps import OwnerDep, ServiceDep, SettingsDep
 from app.api.errors import ApiError, invalid
 from app.api.service import RETRY_AFTER_SECONDS, JobService
-from app.api.sse import HEARTBEAT, EventStreamResponse, format_event
+from app.api.sse import (
+    HEARTBEAT,
+    SHUTDOWN_DATA,
+    Draining,
+    EventStreamResponse,
+    format_event,
+    shutdown_message,
+)
 from app.jobs import Event, EventType
 
 router = APIRouter(tags=["jobs"])
@@ -37,6 +45,19 @@ _EVENT = {
         _event("progress", schemas.ProgressEvent.model_json_schema()),  # self-contained: no nested models
         _event("done", {"$ref": "#/components/schemas/Job"}),
         _event("error", {"$ref": "#/components/schemas/JobError"}),
+        {
+            "type": "object",
+            "required": ["event", "data"],
+            "properties": {
+                "event": {"const": "shutdown"},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {"$ref": "#/components/schemas/JobError"},
+                    "examples": [json.dumps(SHUTDOWN_DATA, separators=(",", ":"))],
+                },
+            },
+        },
     ]
 }
 _SSE = {
@@ -45,7 +66,9 @@ _SSE = {
             "text/event-stream": {"schema": {"type": "array", "items": _EVENT}, "itemSchema": _EVENT}
         },
         "description": "events `progress` (data: ProgressEvent), then `done` (data: Job) or `error` "
-        "(data: {code, message}); each with an increasing `id`; comment heartbeats in between",
+        "(data: {code, message}); each with an increasing `id`; comment heartbeats in between. When the "
+        "server shuts down, open streams end with `shutdown` (no `id`; data: {code: server_shutdown, "
+        "message}): reconnect with `Last-Event-ID` (to another replica) to resume",
     }
 }
 # Errors are JSON, not events: spelled out, since `model` would document them under text/event-stream.
@@ -77,17 +100,29 @@ async def _next(events: AsyncIterator[Event]) -> Event:
 
 
 async def _messages(
-    service: JobService, job_id: str, owner: str | None, after: int, xt: bool, heartbeat: float
+    service: JobService,
+    job_id: str,
+    owner: str | None,
+    after: int,
+    xt: bool,
+    heartbeat: float,
+    draining: Draining,
 ) -> AsyncIterator[bytes]:
-    """Replays, then follows, the job's events; a comment every `heartbeat` seconds while idle."""
+    """Replays, then follows, the job's events; a comment every `heartbeat` seconds while idle; a
+    `shutdown` event, then the end, once the server starts shutting down."""
     events = service.store.events(job_id, after)
     pending: asyncio.Task[Event] | None = None
+    closing = draining.future()
     try:
         while True:
             if pending is None:
                 pending = asyncio.ensure_future(_next(events))
-            done, _ = await asyncio.wait({pending}, timeout=heartbeat)
-            if not done:
+            waiting = {pending, closing}
+            done, _ = await asyncio.wait(waiting, timeout=heartbeat, return_when=asyncio.FIRST_COMPLETED)
+            if pending not in done:
+                if closing in done:  # an event that is ready goes out first; the shutdown after it
+                    yield shutdown_message()
+                    return
                 yield HEARTBEAT
                 continue
             try:
@@ -131,7 +166,8 @@ async def stream(
     ] = None,
 ) -> EventStreamResponse:
     """Progressive x̂₀ previews of a job: replayed from the first event (or after `Last-Event-ID`), then
-    live; ends after `done` or `error`. A job that already ended streams its events at once."""
+    live; ends after `done` or `error`. A job that already ended streams its events at once. When this
+    server shuts down, the stream ends with a `shutdown` event: reconnect with `Last-Event-ID`."""
     await service.get(job_id, owner)
     after = _after_id(last_event_id)
     limiter = request.app.state.streams
@@ -143,5 +179,6 @@ async def stream(
             f"{settings.max_streams_per_key} streams are already open for this key; close one first",
             headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
-    messages = _messages(service, job_id, owner, after, xt, settings.heartbeat_seconds)
+    draining = request.app.state.draining
+    messages = _messages(service, job_id, owner, after, xt, settings.heartbeat_seconds, draining)
     return EventStreamResponse(messages, on_close=lambda: limiter.release(key))
