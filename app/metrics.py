@@ -55,13 +55,22 @@ ENGINE_SLOTS = Gauge("ddpm_engine_slots", "Image slots by state (running | waiti
 ENGINE_FORWARDS = Counter("ddpm_engine_forwards", "U-Net forward passes", ["model"])
 
 
-def update_device_memory() -> None:
-    """Refresh the device-memory gauge (called at scrape time; a no-op without CUDA)."""
+def update_device_memory(device: str | None = None) -> None:
+    """Refresh the device-memory gauge: for every CUDA device (the API, at scrape time), or for `device`
+    only (a worker, every heartbeat: `cuda` means the current device). A no-op without CUDA and for a
+    device that is not a CUDA one."""
+    if device is not None and not device.startswith("cuda"):
+        return
     import torch
 
     if not torch.cuda.is_available():
         return
-    for index in range(torch.cuda.device_count()):
+    if device is None:
+        indices = list(range(torch.cuda.device_count()))
+    else:
+        index = torch.device(device).index
+        indices = [torch.cuda.current_device() if index is None else index]
+    for index in indices:
         DEVICE_MEMORY_BYTES.labels(device=f"cuda:{index}").set(torch.cuda.memory_allocated(index))
 
 

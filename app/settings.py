@@ -46,7 +46,7 @@ class Settings(BaseSettings):
         description="model references to load (folder, PRESET:WEIGHTS or hf:REPO), comma-separated or "
         "JSON; the first is the default; empty = the bundled MNIST model",
     )
-    host: str = Field("127.0.0.1", description="address to listen on")
+    host: str = Field("127.0.0.1", description="address to listen on (the API; a worker's metrics port)")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on")
     device: str = Field(
         "auto", description="torch device for the engines; auto = cuda if available, else cpu"

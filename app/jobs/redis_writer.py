@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -70,6 +71,14 @@ class JobWriter:
     def status(self, job_id: str) -> Status | None:
         value = self.redis.hget(self.keys.job(job_id), "status")
         return None if value is None else Status(value.decode())
+
+    def status_and_created(self, job_id: str) -> tuple[Status | None, datetime | None]:
+        """The job's status and creation time (None, None once it expired), in one round trip."""
+        status, created = self.redis.hmget(self.keys.job(job_id), "status", "created_at")
+        if status is None:
+            return None, None
+        when = json.loads(created) if created is not None else None
+        return Status(status.decode()), datetime.fromisoformat(when) if when else None
 
     def inputs(self, job_id: str) -> dict[bytes, bytes]:
         return self.redis.hgetall(self.keys.inputs(job_id))

@@ -5,6 +5,9 @@ id, so a job's writes stay in order); there the tensors are encoded (app/jobs/en
 Progress is best effort (dropped while Redis is away); a job's start and end are retried until Redis
 answers or the worker's shutdown deadline passes. A job ends through `JobWriter.end`, which stores its
 result only if it has not ended yet, and only then is its queue entry acknowledged (`on_end`).
+
+Metrics, as the embedded runner keeps them: jobs and images that ended here, queue wait (creation to the
+first step, observed on a job's first delivery only) and job duration (first step here to the end).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import torch
@@ -37,6 +41,8 @@ _BACKOFF_START, _BACKOFF_MAX = 0.1, 2.0
 @dataclass
 class _Watched:
     work: Work
+    created_at: datetime | None = None  # the job's creation, on its first delivery only (for queue wait)
+    started: datetime | None = None  # its first step here
     steps: int = 0  # known once the engine starts the job
     dropped: bool = False  # handed back or taken over: a cancellation here is not the user's
 
@@ -55,10 +61,12 @@ class RedisListener:
         self._lock = threading.Lock()  # guards _jobs: the claim loop, engine and heartbeat threads use it
         self._deadline: float | None = None  # time.monotonic() after which retries give up
 
-    def watch(self, work: Work) -> None:
-        """Register a job before submitting it to the engine."""
+    def watch(self, work: Work, created_at: datetime | None = None) -> None:
+        """Register a job before submitting it to the engine. `created_at`: when the job was created, to
+        observe its queue wait at its first step; None for a job that ran before (a takeover), whose
+        first step was earlier, elsewhere."""
         with self._lock:
-            self._jobs[work.job_id] = _Watched(work)
+            self._jobs[work.job_id] = _Watched(work, created_at=created_at)
 
     def drop(self, job_id: str) -> None:
         """The job is no longer this worker's (handed back, or taken over): its engine cancellation, which
@@ -70,10 +78,14 @@ class RedisListener:
     # Listener: called on an engine thread.
 
     def on_started(self, job_id: str, steps: int) -> None:
-        with self._lock:
-            if job_id in self._jobs:
-                self._jobs[job_id].steps = steps
         started = utcnow()
+        with self._lock:
+            watched = self._jobs.get(job_id)
+            if watched is not None:
+                watched.steps, watched.started = steps, started
+        if watched is not None and watched.created_at is not None:
+            wait = max(0.0, (started - watched.created_at).total_seconds())  # hosts' clocks may differ a bit
+            metrics.QUEUE_WAIT_SECONDS.labels(kind=watched.work.kind).observe(wait)
 
         def write() -> None:
             try:
@@ -110,6 +122,7 @@ class RedisListener:
     def on_finished(self, job_id: str, images: torch.Tensor, extra: dict[str, Any]) -> None:
         watched, finished = self._forget(job_id), utcnow()
         work, steps = (watched.work, watched.steps) if watched is not None else (None, 0)
+        started = watched.started if watched is not None else None
 
         def write() -> None:
             blobs = result_blobs(images, grid_columns=grid_columns(work) if work is not None else None)
@@ -121,13 +134,14 @@ class RedisListener:
                 "steps": steps,
             }
             event = (EventType.DONE, {"status": str(Status.SUCCEEDED)})
-            self._end(job_id, work, Status.SUCCEEDED, event, fields, blobs, images=count)
+            self._end(job_id, work, Status.SUCCEEDED, event, fields, blobs, images=count, started=started)
 
         self._post(job_id, write)
 
     def on_failed(self, job_id: str, code: str, message: str) -> None:
         watched, finished = self._forget(job_id), utcnow()
         work = watched.work if watched is not None else None
+        started = watched.started if watched is not None else None
         error = {"code": code, "message": message}
 
         def write() -> None:
@@ -137,6 +151,7 @@ class RedisListener:
                 Status.FAILED,
                 (EventType.ERROR, error),
                 {"finished_at": finished, "error": error},
+                started=started,
             )
 
         self._post(job_id, write)
@@ -148,9 +163,11 @@ class RedisListener:
             self._post(job_id, lambda: self._on_end(job_id, False))
             return
 
+        started = watched.started if watched is not None else None
+
         def write() -> None:
             event = (EventType.DONE, {"status": str(Status.CANCELLED)})
-            self._end(job_id, work, Status.CANCELLED, event, {"finished_at": finished})
+            self._end(job_id, work, Status.CANCELLED, event, {"finished_at": finished}, started=started)
 
         self._post(job_id, write)
 
@@ -166,6 +183,7 @@ class RedisListener:
         blobs: dict[str, bytes] | None = None,
         *,
         images: int = 0,
+        started: datetime | None = None,
     ) -> None:
         try:
             outcome = self._retry(lambda: self._writer.end(job_id, status, event, fields, blobs))
@@ -177,6 +195,9 @@ class RedisListener:
             return
         if outcome == ENDED and work is not None:
             metrics.JOBS.labels(kind=work.kind, outcome=str(status)).inc()
+            finished = fields.get("finished_at")
+            if started is not None and finished is not None:  # as embedded: from its first step to its end
+                metrics.JOB_SECONDS.labels(kind=work.kind).observe((finished - started).total_seconds())
             if images:
                 metrics.IMAGES.labels(model=work.model).inc(images)
         elif outcome != ENDED:

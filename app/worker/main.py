@@ -10,6 +10,7 @@ import argparse
 import logging
 import signal
 import sys
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -56,8 +57,6 @@ def main(argv: list[str] | None = None) -> None:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
-    from prometheus_client import start_http_server
-
     from app.jobs.redis_connect import sync_client
     from app.loading import load_models
     from app.worker.worker import Worker, default_name
@@ -72,7 +71,16 @@ def main(argv: list[str] | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
     if settings.worker_metrics_port is not None:
-        start_http_server(settings.worker_metrics_port)
+        serve_metrics(settings)
     worker.run()
     if worker.engine_died:
         sys.exit("ddpm-worker: an engine thread died (see the log); its jobs were handed back")
+
+
+def serve_metrics(settings: Settings) -> Any:
+    """Prometheus `/metrics` on `worker_metrics_port`, bound to `host` (DDPM_HOST: loopback by default, as
+    the API; the image sets 0.0.0.0), from a daemon thread; the server (`.server_address`, `.shutdown()`)."""
+    from prometheus_client import start_http_server
+
+    server, _ = start_http_server(settings.worker_metrics_port, addr=settings.host)
+    return server

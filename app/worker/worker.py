@@ -1,10 +1,11 @@
 """A worker process of distributed mode: engines fed from the Redis queues of the models it loaded.
 
 Threads: the claim loop (the caller's), one engine per model, the listener's writers, a heartbeat
-(liveness key, claims kept fresh, queue metrics) and a cancel poller. The claim loop reads a new entry
-only while the engines have free rows, so busy workers leave work to idle ones, and takes over entries
-idle past the reclaim time (their worker died) between reads. `stop()` (SIGTERM) ends claiming, lets
-running jobs finish within the grace period, hands the rest back for others to take over, and returns.
+(liveness key, claims kept fresh, queue and device-memory metrics) and a cancel poller. The claim loop
+reads a new entry only while the engines have free rows, so busy workers leave work to idle ones, and
+takes over entries idle past the reclaim time (their worker died) between reads. `stop()` (SIGTERM)
+ends claiming, lets running jobs finish within the grace period, hands the rest back for others to take
+over, and returns.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class Worker:
         self._done = threading.Event()  # side threads end
         self._heartbeat_ttl = ttl_ms(3 * settings.worker_heartbeat_seconds)
         self.engine_died = False
+        self._memory_failed = False  # logged once
 
     # ---- life cycle ----------------------------------------------------------------------------
     def stop(self) -> None:
@@ -110,6 +112,7 @@ class Worker:
         """Serve until `stop()` (or until an engine thread dies: `engine_died`), then shut down gracefully;
         returns when everything has stopped."""
         self.pool.start()
+        self._update_device_memory()  # the models are on the device: their weights are in the first reading
         self._until_connected(self._announce)
         threads = [
             threading.Thread(target=self._heartbeat_loop, name="ddpm-heartbeat", daemon=True),
@@ -189,7 +192,7 @@ class Worker:
         if delivery.deliveries > self.settings.max_deliveries:
             self._dead_letter(delivery)
             return
-        status = self.writer.status(job_id)
+        status, created_at = self.writer.status_and_created(job_id)
         if status is None or status.terminal:  # expired, or cancelled while queued: nothing to run
             self.queue.ack(delivery)
             return
@@ -202,7 +205,8 @@ class Worker:
         with self._changed:
             self._claims[job_id] = Claim(delivery, work, rows)
             metrics.WORKER_CLAIMED.labels(model=work.model).inc()
-        self.listener.watch(work)
+        first = delivery.deliveries == 1 and not delivery.reclaimed  # its queue wait ends here
+        self.listener.watch(work, created_at=created_at if first else None)
         self.pool.submit(work)
 
     def _dead_letter(self, delivery: Delivery) -> None:
@@ -238,6 +242,7 @@ class Worker:
         beats = 0
         while not self._done.wait(self.settings.worker_heartbeat_seconds):
             beats += 1
+            self._update_device_memory()
             try:
                 registry.heartbeat(self.redis, self.keys, self.info, self._heartbeat_ttl)
                 self._keep_claims()
@@ -249,6 +254,15 @@ class Worker:
                     metrics.QUEUE_LAG.labels(model=model).set(stats.lag)
             except RedisError as e:
                 log.warning("worker %s: heartbeat failed: %s", self.name, e)
+
+    def _update_device_memory(self) -> None:
+        """`ddpm_device_memory_bytes` of this worker's device (a no-op on a CPU), whatever Redis does."""
+        try:
+            metrics.update_device_memory(self.info.device)
+        except Exception as e:  # a metric must never stop the heartbeat
+            if not self._memory_failed:
+                log.warning("worker %s: cannot read the device's memory use: %s", self.name, e)
+            self._memory_failed = True
 
     def _entries(self) -> dict[str, list[str]]:
         """This worker's live claims as queue -> entry ids."""

@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.api.conftest import live_server, png_b64, server_settings
+from tests.api.conftest import live_server, png_b64, read_sse, server_settings
 from tests.distributed.conftest import (
     RECLAIM_SECONDS,
     Cluster,
@@ -176,6 +176,56 @@ def test_a_new_api_process_serves_the_jobs_and_streams_of_one_that_died(cluster)
         with client.stream("GET", f"/stream/{ids[0]}", headers={"Last-Event-ID": "4"}) as response:
             resumed = [line for line in response.iter_lines() if line.startswith("id:")]
         assert resumed == ["id: 5", "id: 6"]
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_on_an_api_ends_its_streams_and_another_replica_resumes_them_without_a_gap(cluster):
+    """The stream ends at once with `shutdown` (no id); Last-Event-ID on another replica gives the rest,
+    each event once. The workers' /metrics count the job's queue wait and duration (one each)."""
+    old, old_url = cluster.apis[-1], cluster.url
+    cluster.start_api()  # a second replica, behind the same (imaginary) load balancer
+    cluster.wait_up()
+    workers = [w for w in cluster.workers.values() if w.alive()]
+
+    def counted(name: str) -> float:
+        return sum(metric(httpx.get(w.metrics_url, timeout=5).text, name) for w in workers)
+
+    names = ("ddpm_queue_wait_seconds_count", "ddpm_job_duration_seconds_count")
+    before = {name: counted(name) for name in names}
+    with httpx.Client(base_url=old_url, timeout=30) as client:
+        [job_id] = submit(client, 1, n=4, steps=50, stream_every=1)
+        first: list = []
+        with client.stream("GET", f"/stream/{job_id}") as response:
+            for message in read_sse(response):
+                first.append(message)
+                if len(first) == 1:  # the job runs: freeze it (well under the reclaim time), stop the API
+                    for worker in workers:
+                        worker.signal(signal.SIGSTOP)
+                    old.signal(signal.SIGTERM)
+                    signalled = time.monotonic()
+        ended = time.monotonic()
+    for worker in workers:
+        worker.signal(signal.SIGCONT)
+    assert ended - signalled < 5, ended - signalled
+    assert first[-1].event == "shutdown" and first[-1].id is None, first[-3:]
+    assert first[-1].data["code"] == "server_shutdown"
+    assert old.wait(30) == -signal.SIGTERM, old.tail()
+
+    last_id = first[-2].id
+    with cluster.client() as client:
+        headers = {"Last-Event-ID": str(last_id)}
+        with client.stream("GET", f"/stream/{job_id}", headers=headers) as response:
+            rest = list(read_sse(response))
+    ids = [m.id for m in first[:-1] + rest]
+    assert ids == list(range(1, len(ids) + 1))  # every event once, in order, across the two replicas
+    assert rest[-1].event == "done" and rest[-1].data["status"] == "succeeded"
+    assert [m.event for m in first[:-1] + rest[:-1]] == ["progress"] * 50
+
+    time.sleep(0.2)
+    assert {name: counted(name) - before[name] for name in names} == dict.fromkeys(names, 1.0)
+    assert all(
+        "# TYPE ddpm_device_memory_bytes gauge" in httpx.get(w.metrics_url, timeout=5).text for w in workers
+    )
 
 
 @pytest.mark.timeout(120)

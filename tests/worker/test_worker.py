@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -195,3 +196,93 @@ async def test_takeover_finds_a_dead_worker_s_entry_behind_many_live_ones(dispat
     worker = Worker(settings(redis_server), {"tiny": tiny_checkpoint(timesteps=50)}, r, name="w")
     [taken] = worker.queue.take_over(1)  # XAUTOCLAIM looks at 10 entries per call: it must go on
     assert taken.entry_id == last.decode() and taken.reclaimed
+
+
+def metric_value(text: str, sample: str) -> float:
+    """One sample of Prometheus text (`name{labels}` exactly as exposed), 0 when absent."""
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_a_worker_reports_queue_wait_job_duration_and_device_memory_on_its_metrics_port(
+    dispatcher, r, redis_server, monkeypatch
+):
+    import httpx
+
+    from app.worker.main import serve_metrics
+    from tests.redis_server import free_port
+
+    calls: list[tuple[str | None, BaseException | None]] = []
+    real = metrics.update_device_memory
+
+    def spy(device: str | None = None) -> None:
+        try:
+            real(device)
+        except BaseException as e:
+            calls.append((device, e))
+            raise
+        calls.append((device, None))
+
+    monkeypatch.setattr(metrics, "update_device_memory", spy)
+    config = settings(redis_server, worker_metrics_port=free_port())
+    server = serve_metrics(config)  # bound to DDPM_HOST, loopback unless set
+    assert server.server_address[:2] == ("127.0.0.1", config.worker_metrics_port)
+    url = f"http://127.0.0.1:{config.worker_metrics_port}/metrics"
+    wait_sample = 'ddpm_queue_wait_seconds_count{kind="sample"}'
+    job_sample = 'ddpm_job_duration_seconds_count{kind="sample"}'
+    wait_sum = 'ddpm_queue_wait_seconds_sum{kind="sample"}'
+    before = httpx.get(url, timeout=5).text
+    worker = Worker(config, {"tiny": tiny_checkpoint(timesteps=50)}, r, name="w")
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        job = await submit(dispatcher, n=2, steps=20)
+        deadline = time.monotonic() + 30
+        while status(r, job.id) != "succeeded":
+            assert time.monotonic() < deadline, status(r, job.id)
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)  # a few heartbeats (0.1 s)
+        after = httpx.get(url, timeout=5).text
+    finally:
+        worker.stop()
+        thread.join(30)
+        server.shutdown()
+        server.server_close()
+    assert metric_value(after, wait_sample) == metric_value(before, wait_sample) + 1
+    assert metric_value(after, job_sample) == metric_value(before, job_sample) + 1
+    waited = metric_value(after, wait_sum) - metric_value(before, wait_sum)
+    assert 0 <= waited < 30
+    assert "# TYPE ddpm_device_memory_bytes gauge" in after
+    assert len(calls) >= 3 and all(c == ("cpu", None) for c in calls), calls  # at start, then every beat
+
+
+def test_device_memory_is_read_for_the_worker_s_own_cuda_device_and_never_on_a_cpu(monkeypatch):
+    import torch
+
+    read: list[int] = []
+
+    def allocated(index: int) -> int:
+        read.append(index)
+        return 1000 + index
+
+    metrics.update_device_memory("cpu")  # no CUDA needed, nothing read
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", allocated)
+    gauge = metrics.DEVICE_MEMORY_BYTES
+    try:
+        metrics.update_device_memory("cpu")
+        assert read == []
+        metrics.update_device_memory("cuda:1")
+        assert read == [1] and gauge.labels(device="cuda:1")._value.get() == 1001
+        metrics.update_device_memory("cuda")  # the current device
+        assert read == [1, 0] and gauge.labels(device="cuda:0")._value.get() == 1000
+        metrics.update_device_memory()  # the API: every device
+        assert read == [1, 0, 0, 1]
+    finally:
+        for device in ("cuda:0", "cuda:1"):
+            with contextlib.suppress(KeyError):
+                gauge.remove(device)
