@@ -120,3 +120,27 @@ def test_engine_options_reach_the_engine_from_the_environment(monkeypatch):
 def test_engine_options_the_device_cannot_run_are_refused(overrides):
     with pytest.raises(ValidationError):
         Settings(**overrides)
+
+
+def test_compose_s_dotenv_at_the_repo_root_is_not_read_and_breaks_nothing(monkeypatch, tmp_path):
+    """`.env` (COMPOSE_PROFILES for `docker compose`) sits in the folder the services start from: the
+    settings read DDPM_* from the environment only, never a .env file, so neither it nor a DDPM_ line in
+    one changes or fails them; `ddpm-serve --help` works from the repo root."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    assert "COMPOSE_PROFILES=" in (repo / ".env").read_text()
+    assert Settings.model_config.get("env_file") is None
+    monkeypatch.chdir(repo)
+    assert Settings() == Settings.model_validate({})  # the defaults, from the repo root
+    (tmp_path / ".env").write_text("COMPOSE_PROFILES=cpu\nDDPM_PORT=1\nDDPM_API_KEYS=short\n")
+    monkeypatch.chdir(tmp_path)
+    assert Settings().port == 8000 and Settings().api_keys == []
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DDPM_", "COMPOSE_"))}
+    command = [sys.executable, "-c", "from app.cli import serve_main; serve_main()", "--help"]
+    run = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    assert "usage: ddpm-serve" in run.stdout and "DDPM_WORKER_GRACE_SECONDS" in run.stdout

@@ -15,6 +15,7 @@ from app.settings import Settings
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
 COMPOSE = REPO / "docker-compose.yml"
+DOTENV = REPO / ".env"  # read by `docker compose` from the project folder: the default profile
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
 HEALTHCHECK = REPO / "docker" / "healthcheck.py"
 K8S = REPO / "k8s"
@@ -102,3 +103,23 @@ def dockerfile_arg(name: str) -> str:
 def service_environment(name: str) -> dict[str, str]:
     """A compose service's `environment` (anchors and merge keys resolved), values as strings."""
     return {key: str(value) for key, value in compose()["services"][name].get("environment", {}).items()}
+
+
+def dotenv() -> dict[str, str]:
+    """The variables of `.env`, which only plain `NAME=value` lines may set (compose's dotenv syntax
+    accepts more: quotes, `export`, interpolation; this file needs none of it)."""
+    values: dict[str, str] = {}
+    for line in DOTENV.read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        match = re.fullmatch(r"([A-Z][A-Z0-9_]*)=([A-Za-z0-9_.,-]*)", line)
+        assert match, f".env: not a plain NAME=value line: {line!r}"
+        values[match[1]] = match[2]
+    return values
+
+
+def active_services(profiles: set[str]) -> set[str]:
+    """The compose services `docker compose up` starts with these profiles active: every service without
+    `profiles`, and those with one of them."""
+    services = compose()["services"]
+    return {name for name, s in services.items() if not s.get("profiles") or set(s["profiles"]) & profiles}

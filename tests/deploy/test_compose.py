@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import yaml
 
-from tests.deploy.repo import COMPOSE, REPO, compose, service_environment, tool
+from tests.deploy.repo import COMPOSE, REPO, active_services, compose, dotenv, service_environment, tool
 
 # check-jsonschema ships the Compose Specification's schema (compose-spec/compose-spec, schema/
 # compose-spec.json), pinned with the package version in the test extra.
@@ -58,6 +58,31 @@ def test_gpu_worker_reserves_a_gpu_and_cpu_worker_needs_none():
     assert service_environment("worker-cpu")["DDPM_DEVICE"] == "cpu"
     for name in ("redis", "api", "prometheus", "grafana"):
         assert "profiles" not in services[name], f"{name} must start with either profile"
+
+
+STACK = {"redis", "api", "prometheus", "grafana"}
+
+
+def test_plain_compose_up_starts_the_whole_stack_with_the_cpu_worker():
+    """`.env` makes `cpu` the default profile, so `docker compose up` with no flag runs a worker that needs
+    no GPU; `--profile gpu` (which replaces that default) runs the GPU worker, with its reservation."""
+    env = dotenv()
+    assert set(env) == {"COMPOSE_PROFILES"}  # compose's setting only: no DDPM_ variable, no secret
+    default = {profile.strip() for profile in env["COMPOSE_PROFILES"].split(",")}
+    assert default == {"cpu"}
+    assert active_services(default) == STACK | {"worker-cpu"}
+    assert active_services({"gpu"}) == STACK | {"worker"}
+    assert active_services(set()) == STACK  # an emptied COMPOSE_PROFILES: no worker (/readyz says so)
+    services = compose()["services"]
+    for profiles in (default, {"gpu"}):  # compose refuses a depends_on on a service it does not start
+        for name in active_services(profiles):
+            assert set(services[name].get("depends_on", {})) <= active_services(profiles), name
+    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert "deploy" not in services["worker-cpu"]
+    guide = (REPO / "docs" / "deployment.md").read_text()
+    assert "docker compose up -d --build" in guide and "COMPOSE_PROFILES=cpu" in guide
+    assert "docker compose --profile gpu up -d --build" in guide and "COMPOSE_PROFILES=gpu" in guide
 
 
 def _seconds(duration: str) -> float:
