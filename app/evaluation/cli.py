@@ -14,10 +14,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from app.training.data import SHARED_MNIST
+
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO / "models" / "mnist"
 DEFAULT_CLASSIFIER = REPO / "models" / "mnist-classifier"
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "mnist"
+DEFAULT_DATA = SHARED_MNIST
 TABLE_HEADER = (
     "| samples | n | IS ↑ | FID ↓ | classes present | mean confidence | command |\n"
     "|---|---|---|---|---|---|---|"

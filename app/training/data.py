@@ -12,6 +12,8 @@ from PIL import Image, UnidentifiedImageError
 
 from app.images import from_uint8
 
+# The MNIST test set the project trains its bundled model on: ../shared/data/mnist beside the checkout.
+SHARED_MNIST = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4")}
 

@@ -14,9 +14,9 @@ from app.evaluation.metrics import (
     gaussian_stats,
     inception_score,
 )
-from app.training.data import load_images, pad_to
+from app.training.data import SHARED_MNIST, load_images, pad_to
 
-MNIST = "/work/shared/data/mnist"
+MNIST = str(SHARED_MNIST)
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "mnist-classifier"
 
 

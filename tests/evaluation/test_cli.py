@@ -10,9 +10,9 @@ import torch
 
 from app.evaluation.cli import TABLE_HEADER, main
 from app.images import to_uint8
-from app.training.data import load_images, pad_to
+from app.training.data import SHARED_MNIST, load_images, pad_to
 
-MNIST = "/work/shared/data/mnist"
+MNIST = str(SHARED_MNIST)
 SHIPPED = str(Path(__file__).resolve().parents[2] / "models" / "mnist-classifier")
 
 

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from app.evaluation.train_classifier import ClassifierTraining, random_shift, train_classifier
-from app.training.data import DataError
+from app.training.data import SHARED_MNIST, DataError
 
-MNIST = "/work/shared/data/mnist"
+MNIST = str(SHARED_MNIST)
 
 
 def test_random_shift_translates_each_image_and_fills_with_background():

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.training.data import DataError, load_images, pad_to, read_idx
+from app.training.data import SHARED_MNIST, DataError, load_images, pad_to, read_idx
 
-MNIST = "/work/shared/data/mnist"
+MNIST = str(SHARED_MNIST)
 
 
 def _write_idx(path, array: np.ndarray, *, compress: bool) -> None:
