@@ -10,6 +10,7 @@ read the same weights from the same files.
 from __future__ import annotations
 
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -18,10 +19,13 @@ from app.cli import BUNDLED_MODEL
 from app.nets import SchedulerConfig, UNet, UNetConfig, save_checkpoint
 from app.nets.presets import PRESETS
 
-# The bundled model's architecture (models/mnist, trained with `ddpm train --ch 32 --ch-mult 1,2,2
-# --num-res-blocks 2 --attn-resolutions 7 --dropout 0.1`): 28×28 greyscale, T = 1000, σ² = β.
-BUNDLED_ARCH = UNetConfig.ddpm(
-    resolution=28, in_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(7,)
+# The bundled model's architecture (models/mnist, being trained with `ddpm train --ch 32 --ch-mult 1,2,2
+# --num-res-blocks 2 --attn-resolutions 7 --dropout 0.1 --norm-groups 8`): 28×28 greyscale, T = 1000, σ² = β.
+BUNDLED_ARCH = replace(
+    UNetConfig.ddpm(
+        resolution=28, in_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(7,)
+    ),
+    norm_num_groups=8,
 )
 # For dry runs (bench/gpu.sh with DEVICE=cpu): the tests' 8×8 greyscale network, ~0.7 M parameters.
 TINY_ARCH = UNetConfig.ddpm(

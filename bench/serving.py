@@ -1,19 +1,20 @@
 """Benchmark 3: the HTTP service under closed-loop load, per engine policy, against the raw engine.
 
     .venv/bin/python -m bench.serving [--model PATH | --arch bundled] [--concurrency 1,4,16,64]
-        [--policies step,request,serial] [--steps 50] [--sampler ddim] [--duration 30]
-        [--max-requests 256] [--threads 1] [--vs-diffusers 16]
+        [--policies step,request,serial] [--steps 50] [--sampler ddim] [--warmup 5] [--duration 30]
+        [--max-requests 256] [--threads 1] [--vs-diffusers 16] [--set dtype=bfloat16 ...]
 
 For each policy (DDPM_ENGINE_POLICY: step-level batching, request-level batching, one request at a time)
 a real `ddpm-serve` child process serves the model; at each concurrency c, c clients each POST /sample
-(n = 1, stream_every 0) with ?wait=true and send the next request as soon as the answer comes, for
---duration seconds or --max-requests requests, whichever ends first. Throughput counts the requests
-answered inside that window; latencies are theirs (p50, p95). The raw engine row submits the same jobs
-straight to an in-process Engine (step policy) with c submitting threads: `of_raw` is the service's
-throughput as a fraction of it. Then the same seeds are sampled under every policy and the PNG bytes
-and float arrays compared. With --vs-diffusers N, N concurrent one-image requests (step policy) race
-diffusers' DDIMPipeline making the same N images in one batch, same weights and steps.
-Writes bench/results/serving.json.
+(n = 1, stream_every 0) with ?wait=true and send the next request as soon as the answer comes. Answers
+in the first --warmup seconds are not counted; then for --duration seconds (or until --max-requests
+requests in all) they are: throughput is those answers over that time, latencies (p50, p95) theirs.
+The raw engine rows run the same closed loop straight on an in-process Engine (step policy, the same
+fast-path settings) with c submitting threads: `of_raw` is the service's throughput as a fraction of
+it. Then the same seeds are sampled under every policy and the PNG bytes and float arrays compared.
+With --vs-diffusers N, N concurrent one-image requests (step policy) race diffusers' DDIMPipeline
+making the same N images in one batch, same weights and steps (--race-rounds alternating rounds,
+medians). --set NAME=VALUE passes DDPM_NAME to every server. Writes bench/results/<name>.json.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import itertools
 import statistics
 import threading
 import time
@@ -33,7 +35,9 @@ import torch
 from PIL import Image
 
 from app.engine.engine import POLICIES, Engine
+from app.engine.fastpath import FastPath
 from app.nets import load_checkpoint
+from app.settings import Settings
 from bench.common import save, set_threads, table
 from bench.engines import Collector, sample_work
 from bench.models import ARCHS, model_folder
@@ -41,6 +45,7 @@ from bench.sampling import diffusers_pipelines
 from bench.server import serve
 
 CHECK_SEEDS = (101, 102, 103, 104)  # sampled together under every policy; outputs must agree
+FAST_SETTINGS = ("channels_last", "dtype", "compile", "cuda_graphs")
 
 
 @dataclass
@@ -61,72 +66,86 @@ class Load:
         }
 
 
-def count_window(done: list[tuple[float, float]], start: float, deadline: float) -> Load:
-    """Requests answered by the deadline, over the time to the deadline (or to the last answer, when every
-    request was answered before it)."""
-    inside = [(end, latency) for end, latency in done if end <= deadline]
+@dataclass(frozen=True)
+class Plan:
+    """One level of closed-loop load: answers in the first `warmup` seconds are not counted (new batch
+    shapes, queues filling), then `duration` seconds are, with at most `max_requests` requests sent."""
+
+    concurrency: int
+    warmup: float
+    duration: float
+    max_requests: int
+
+
+def count_window(done: list[tuple[float, float]], begin: float, deadline: float) -> Load:
+    """Requests answered between `begin` and `deadline` (times of (answer, latency) pairs), over that time
+    (or up to the last answer, when every request was answered before the deadline)."""
+    inside = [(end, latency) for end, latency in done if begin <= end <= deadline]
     if not inside:
         return Load()
-    end = deadline if len(inside) < len(done) else max(e for e, _ in inside)
-    return Load(window=end - start, latencies=[latency for _, latency in inside])
+    end = deadline if any(e > deadline for e, _ in done) else max(e for e, _ in inside)
+    return Load(window=end - begin, latencies=[latency for _, latency in inside])
 
 
-async def http_load(url: str, body: dict, *, concurrency: int, duration: float, max_requests: int) -> Load:
+async def http_load(url: str, body: dict, plan: Plan) -> Load:
     """Closed loop: `concurrency` clients, each sending its next request when the previous is answered."""
     issued = 0
+    seeds = itertools.count()
     done: list[tuple[float, float]] = []
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    limits = httpx.Limits(
+        max_connections=plan.concurrency + 4, max_keepalive_connections=plan.concurrency + 4
+    )
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
-        start = time.perf_counter()
-        deadline = start + duration
+        begin = time.perf_counter() + plan.warmup
+        deadline = begin + plan.duration
 
         async def worker() -> None:
             nonlocal issued
-            while time.perf_counter() < deadline and issued < max_requests:
-                issued += 1
+            while time.perf_counter() < deadline and issued < plan.max_requests:
+                issued += time.perf_counter() >= begin  # warm-up requests are bounded by time alone
                 sent = time.perf_counter()
-                r = await client.post("/sample", params={"wait": "true"}, json={**body, "seed": issued})
+                r = await client.post("/sample", params={"wait": "true"}, json={**body, "seed": next(seeds)})
                 job = r.raise_for_status().json()
                 if job["status"] != "succeeded":
                     raise RuntimeError(f"job {job['id']} {job['status']}: {job.get('error')}")
                 now = time.perf_counter()
                 done.append((now, now - sent))
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return count_window(done, start, deadline)
+        await asyncio.gather(*(worker() for _ in range(plan.concurrency)))
+    return count_window(done, begin, deadline)
 
 
-def engine_load(
-    engine: Engine, collector: Collector, *, concurrency: int, duration: float, max_requests: int, **job
-) -> Load:
+def engine_load(engine: Engine, collector: Collector, plan: Plan, **job) -> Load:
     """The same closed loop straight on an Engine: `concurrency` threads submitting and waiting."""
     lock = threading.Lock()
-    issued = 0
+    issued = sent_total = 0
     done: list[tuple[float, float]] = []
-    start = time.perf_counter()
-    deadline = start + duration
+    begin = time.perf_counter() + plan.warmup
+    deadline = begin + plan.duration
 
     def worker() -> None:
-        nonlocal issued
+        nonlocal issued, sent_total
         while time.perf_counter() < deadline:
             with lock:
-                if issued >= max_requests:
+                if issued >= plan.max_requests:
                     return
-                issued += 1
-                job_id = f"raw-{concurrency}-{issued}"
+                issued += time.perf_counter() >= begin  # warm-up requests are bounded by time alone
+                sent_total += 1
+                seed = sent_total
+            job_id = f"raw-{plan.concurrency}-{seed}"
             sent = time.perf_counter()
-            engine.submit(sample_work(job_id, model=engine.name, n=1, seed=issued, **job))
+            engine.submit(sample_work(job_id, model=engine.name, n=1, seed=seed, **job))
             collector.wait(job_id)
             now = time.perf_counter()
             with lock:
                 done.append((now, now - sent))
 
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    threads = [threading.Thread(target=worker) for _ in range(plan.concurrency)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    return count_window(done, start, deadline)
+    return count_window(done, begin, deadline)
 
 
 async def sample_images(url: str, body: dict, seeds: tuple[int, ...]) -> dict[int, tuple[bytes, np.ndarray]]:
@@ -162,38 +181,49 @@ def main() -> None:
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--sampler", default="ddim", choices=("ddpm", "ddim"))
-    parser.add_argument("--duration", type=float, default=30.0, help="seconds per level at most")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds per level not counted")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds per level counted, at most")
     parser.add_argument("--max-requests", type=int, default=256, help="requests per level at most")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--threads", type=int, help="torch intra-op threads, here and in the server")
     parser.add_argument("--vs-diffusers", type=int, default=16, help="0 skips the race against diffusers")
+    parser.add_argument("--race-rounds", type=int, default=3, help="alternating rounds of the race (median)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a server setting (DDPM_NAME), e.g. dtype=bfloat16; fast-path ones apply to the raw engine too",
+    )
+    parser.add_argument("--name", default="serving", help="results file name")
     args = parser.parse_args()
     set_threads(args.threads)
     levels = [int(c) for c in args.concurrency.split(",")]
     folder, described = model_folder(args.model, args.arch)
-    threads = torch.get_num_threads()
-    print(f"model: {described}; {args.device}, {threads} threads, {args.sampler}-{args.steps}")
+    overrides = dict(item.split("=", 1) for item in args.set)
+    print(
+        f"model: {described}; {args.device}, {torch.get_num_threads()} threads, {args.sampler}-{args.steps}, "
+        f"settings {overrides or 'default'}"
+    )
     body = {"n": 1, "steps": args.steps, "sampler": args.sampler, "stream_every": 0}
     job = dict(steps=args.steps, sampler=args.sampler)
+    plans = [Plan(c, args.warmup, args.duration, args.max_requests) for c in levels]
+    warm = Plan(2, 0.0, 600.0, 2)
 
-    rows: list[dict[str, object]] = []
-    raw = _raw_engine(folder, args, levels, job)
-    rows += raw
-    raw_rate = {r["concurrency"]: r["images_s"] for r in raw}
-    images: dict[str, dict[int, tuple[str, np.ndarray]]] = {}
+    rows = _raw_engine(folder, args, plans, warm, _fast_path(overrides), job)
+    raw_rate = {r["concurrency"]: r["images_s"] for r in rows}
+    images: dict[str, dict[int, tuple[bytes, np.ndarray]]] = {}
     extra: dict[str, object] = {}
     for policy in args.policies.split(","):
         settings = dict(engine_policy=policy, max_batch=args.max_batch, max_queued_jobs=4 * max(levels) + 64)
-        with serve(folder, device=args.device, threads=args.threads, **settings) as url:
-            asyncio.run(http_load(url, body, concurrency=2, duration=60, max_requests=2))  # warm-up
-            for c in levels:
-                load = asyncio.run(
-                    http_load(
-                        url, body, concurrency=c, duration=args.duration, max_requests=args.max_requests
-                    )
+        with serve(folder, device=args.device, threads=args.threads, **{**settings, **overrides}) as url:
+            asyncio.run(http_load(url, body, warm))
+            for plan in plans:
+                row = asyncio.run(http_load(url, body, plan)).row(
+                    impl=f"http {policy}", concurrency=plan.concurrency
                 )
-                row = load.row(impl=f"http {policy}", concurrency=c)
-                row["of_raw"] = round(row["images_s"] / raw_rate[c], 3) if raw_rate.get(c) else ""
+                rate = raw_rate.get(plan.concurrency)
+                row["of_raw"] = round(row["images_s"] / rate, 3) if rate else ""
                 rows.append(row)
                 print(table(rows[-1:], list(row)), flush=True)
             images[policy] = asyncio.run(sample_images(url, body, CHECK_SEEDS))
@@ -204,31 +234,29 @@ def main() -> None:
     print(table(rows, ["impl", "concurrency", "requests", "images_s", "p50_s", "p95_s", "of_raw"]))
     for key, value in extra.items():
         print(f"{key}: {value}")
-    path = save(
-        "serving", rows, model=described, device=args.device, threads=torch.get_num_threads(), **job, **extra
-    )
-    print(f"wrote {path}")
+    info = dict(model=described, device=args.device, threads=torch.get_num_threads(), settings=overrides)
+    print(f"wrote {save(args.name, rows, **info, **job, **extra)}")
 
 
-def _raw_engine(folder: Path, args: argparse.Namespace, levels: list[int], job: dict) -> list[dict]:
+def _fast_path(overrides: dict[str, str]) -> FastPath:
+    """The raw engine's fast path from the same settings as the server's."""
+    settings = Settings(device="auto", **{k: v for k, v in overrides.items() if k in FAST_SETTINGS})
+    return settings.fast_path()
+
+
+def _raw_engine(
+    folder: Path, args: argparse.Namespace, plans: list[Plan], warm: Plan, fast: FastPath, job: dict
+) -> list[dict]:
     collector = Collector()
-    engine = Engine(
-        load_checkpoint(folder, device=args.device), name="raw", listener=collector, max_batch=args.max_batch
-    )
+    ckpt = load_checkpoint(folder, device=args.device)
+    engine = Engine(ckpt, name="raw", listener=collector, max_batch=args.max_batch, fast=fast)
     engine.start()
-    engine_load(engine, collector, concurrency=2, duration=60, max_requests=2, **job)  # warm-up
+    engine_load(engine, collector, warm, **job)
     rows = []
     try:
-        for c in levels:
-            load = engine_load(
-                engine,
-                collector,
-                concurrency=c,
-                duration=args.duration,
-                max_requests=args.max_requests,
-                **job,
-            )
-            rows.append(load.row(impl="raw engine", concurrency=c, of_raw=1.0))
+        for plan in plans:
+            load = engine_load(engine, collector, plan, **job)
+            rows.append(load.row(impl="raw engine", concurrency=plan.concurrency, of_raw=1.0))
             print(table(rows[-1:], list(rows[-1])), flush=True)
     finally:
         engine.stop(10)
@@ -236,21 +264,26 @@ def _raw_engine(folder: Path, args: argparse.Namespace, levels: list[int], job: 
 
 
 def _race_diffusers(url: str, folder: Path, body: dict, args: argparse.Namespace) -> dict[str, object]:
-    """N concurrent requests through the service vs one DDIMPipeline batch of N, same weights and steps."""
+    """N concurrent requests through the service vs one DDIMPipeline batch of N, same weights and steps;
+    alternating rounds, medians."""
     n = args.vs_diffusers
-    ours = asyncio.run(race(url, {**body, "sampler": "ddim"}, n))
     pipe = diffusers_pipelines(folder, torch.device(args.device))["ddim"]
     pipe(n, 2)  # set-up out of the timing
-    start = time.perf_counter()
-    pipe(n, args.steps)
-    theirs = time.perf_counter() - start
+    asyncio.run(race(url, {**body, "sampler": "ddim"}, n))  # the service's first batch of n, likewise
+    ours, theirs = [], []
+    for _ in range(args.race_rounds):
+        ours.append(asyncio.run(race(url, {**body, "sampler": "ddim"}, n)))
+        start = time.perf_counter()
+        pipe(n, args.steps)
+        theirs.append(time.perf_counter() - start)
     result = {
         "n": n,
         "steps": args.steps,
-        "ours_http_s": round(ours, 3),
-        "diffusers_batch_s": round(theirs, 3),
+        "rounds": args.race_rounds,
+        "ours_http_s": round(statistics.median(ours), 3),
+        "diffusers_batch_s": round(statistics.median(theirs), 3),
     }
-    result["ratio"] = round(theirs / ours, 3)
+    result["ratio"] = round(result["diffusers_batch_s"] / result["ours_http_s"], 3)
     print(f"race: {result}", flush=True)
     return result
 

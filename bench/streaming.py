@@ -35,6 +35,8 @@ async def stream_job(client: httpx.AsyncClient, body: dict) -> tuple[float, floa
     first: float | None = None
     event = None
     async with client.stream("GET", f"/stream/{job['id']}") as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"GET /stream: {response.status_code} {(await response.aread())[:300]!r}")
         async for line in response.aiter_lines():
             if line.startswith("event:"):
                 event = line.partition(":")[2].strip()
@@ -95,9 +97,8 @@ def main() -> None:
     )
     body = {"n": 1, "steps": args.steps, "sampler": args.sampler}
     rows: list[dict[str, object]] = []
-    with serve(
-        folder, device=args.device, threads=args.threads, max_queued_jobs=4 * args.concurrency + 64
-    ) as url:
+    limits = dict(max_queued_jobs=4 * args.concurrency + 64, max_streams_per_key=args.concurrency + 8)
+    with serve(folder, device=args.device, threads=args.threads, **limits) as url:
         asyncio.run(first_previews(url, {**body, "stream_every": 1}, 2))  # warm-up
         jobs = asyncio.run(first_previews(url, {**body, "stream_every": 1}, args.repeat))
         ttfp = statistics.median(first - sent for sent, first, _ in jobs if first is not None)

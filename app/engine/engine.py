@@ -259,7 +259,7 @@ class Engine:
                 t = torch.cat([g.rows_t(self.schedule) for g in active])
                 eps = self.forward(x, t)
                 self.forwards += 1
-                previews = self._update(active, x, t, eps)
+                previews = self._update(active, x, eps)
         except Exception as e:  # the batch fails, the engine goes on
             log.exception("engine %s: step failed", self.name)
             for job_id in {g.job_id for g in active}:
@@ -270,16 +270,14 @@ class Engine:
         self._advance_runs(active, previews)
         ENGINE_STEP_SECONDS.labels(self.name).observe(time.perf_counter() - started)
 
-    def _update(
-        self, active: list[Group], x: Tensor, t: Tensor, eps: Tensor
-    ) -> dict[Group, tuple[Tensor, Tensor]]:
+    def _update(self, active: list[Group], x: Tensor, eps: Tensor) -> dict[Group, tuple[Tensor, Tensor]]:
         """Apply every row's own update; returns each group's (x_t, x̂₀) for previews."""
         sizes = [g.rows for g in active]
         xs, epss = x.split(sizes), eps.split(sizes)
         out: dict[Group, tuple[Tensor, Tensor]] = {}
         chains = [i for i, g in enumerate(active) if isinstance(g, ChainGroup)]
         if chains:
-            groups: list[ChainGroup] = [active[i] for i in chains]  # type: ignore[misc]
+            groups = [g for g in active if isinstance(g, ChainGroup)]
             every = len(chains) == len(active)
             xc = x if every else torch.cat([xs[i] for i in chains])
             x_prev, pred_x0 = self._step(

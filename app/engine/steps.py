@@ -48,8 +48,7 @@ def chain_table(
     device: torch.device,
 ) -> StepTable:
     """The table of a DDPM (Algorithm 2) or DDIM (eq. 12) chain over its whole plan, from float64 maths."""
-    t = torch.tensor(list(plan_t), dtype=torch.long, device=device)
-    t_prev = torch.tensor(list(plan_t_prev), dtype=torch.long, device=device)
+    t, t_prev = _indices(plan_t, device), _indices(plan_t_prev, device)
     if sampler == "ddim":
         c = ddim_coefficients(s, t, t_prev, float(eta))
     else:
@@ -64,6 +63,14 @@ def chain_table(
         torch.full_like(c.x0, 1.0 if clip_denoised else 0.0),
     ]
     return StepTable(t=t, coef=torch.stack([col.to(device) for col in columns], dim=1).float())
+
+
+def _indices(values: Sequence[int], device: torch.device) -> Tensor:
+    """A long tensor on `device`; to CUDA through pinned memory, so the copy does not wait for the GPU."""
+    cpu = torch.tensor(list(values), dtype=torch.long)
+    if device.type == "cuda":
+        return cpu.pin_memory().to(device, non_blocking=True)
+    return cpu.to(device)
 
 
 def fused_update(xt: Tensor, eps: Tensor, noise: Tensor, coef: Tensor) -> tuple[Tensor, Tensor]:
