@@ -27,13 +27,13 @@ from collections.abc import Callable
 import torch
 
 from app.cli import BUNDLED_MODEL
-from app.diffusion import Variance, ddim_plan, ddpm_plan
+from app.diffusion import Schedule, Variance, ddim_plan, ddpm_plan
 from app.engine.engine import Engine
 from app.engine.fastpath import FastPath, Forward
 from app.engine.steps import chain_table, fused_update
 from app.engine.work import Work
 from app.nets import Checkpoint, UNet, load_checkpoint
-from app.sampling import generate, schedule_of
+from app.sampling import generate
 from bench.common import save, table
 from bench.engines import Collector, sample_work
 from bench.models import ARCHS, architecture
@@ -96,7 +96,7 @@ def forward_checks(checks: Checks, arch: str, device: torch.device, batch: int) 
 
 
 def update_checks(checks: Checks, device: torch.device) -> None:
-    s = schedule_of(checkpoint("bundled", CPU))
+    s = Schedule.from_config("linear", 1000)  # the paper's β_1..β_T
     chains = [
         ("ddpm", ddpm_plan(1000, 1000), dict(eta=0.0, variance=Variance.BETA, clip_denoised=True)),
         ("ddpm", ddpm_plan(1000, 100), dict(eta=0.0, variance=Variance.POSTERIOR, clip_denoised=False)),
@@ -120,10 +120,10 @@ def update_checks(checks: Checks, device: torch.device) -> None:
 
 
 def engine_images(
-    ckpt: Checkpoint, fast: FastPath, works: list[Callable[[str], object]]
+    ckpt: Checkpoint, fast: FastPath, works: list[Callable[[str], object]], *, max_batch: int = 8
 ) -> list[torch.Tensor]:
     collector = Collector()
-    engine = Engine(ckpt, name="check", listener=collector, max_batch=8, fast=fast)
+    engine = Engine(ckpt, name="check", listener=collector, max_batch=max_batch, fast=fast)
     engine.start()
     ids = [f"job-{k}" for k in range(len(works))]
     try:
