@@ -67,7 +67,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, note a failure 
 step "correctness: CUDA vs CPU" "${LIMITS[0]}" \
     "$PY" -m bench.gpu_check --device "$DEVICE" --arch "$ARCH" --batch "$CHECK_BATCH" --steps "$CHECK_STEPS"
 step "unit tests of the fast paths" "${LIMITS[1]}" \
-    "$PY" -m pytest -q -p no:cacheprovider tests/engine/test_fastpath.py tests/engine/test_steps.py -k "not compiled"
+    "$PY" -m pytest -q -p no:cacheprovider --basetemp=/tmp/gpu-sh-pytest \
+    tests/engine/test_fastpath.py tests/engine/test_steps.py -k "not compiled"
 step "benchmark 1: U-Net forward" "${LIMITS[2]}" \
     "$PY" -m bench.unet_forward --device "$DEVICE" --models "$ARCH" --batches "$FWD_BATCHES" \
     --repeat "$FWD_REPEAT" --fast "$FAST" --peak-tflops "$PEAK"
