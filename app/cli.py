@@ -56,7 +56,10 @@ def _train(args: argparse.Namespace) -> None:
     from app.training.train import TrainConfig, Trainer
 
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
-    model = Trainer(TrainConfig(**fields)).run()
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        raise ValueError(f"--max-minutes must be positive, got {args.max_minutes}")
+    max_seconds = None if args.max_minutes is None else 60 * args.max_minutes
+    model = Trainer(TrainConfig(**fields)).run(max_seconds=max_seconds)
     print(f"EMA weights: {model}")
 
 
@@ -236,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preview-every", dest="preview_every", type=int)
     t.add_argument("--init-from", dest="init_from", help="start a new run from this checkpoint's weights")
     t.add_argument("--device", default=best_device())
+    t.add_argument(
+        "--max-minutes",
+        dest="max_minutes",
+        type=float,
+        help="stop (saved, resumable with the same command) after this much wall time",
+    )
     t.set_defaults(func=_train)
 
     c = sub.add_parser("convert", help="convert an original-format checkpoint to the diffusers layout")

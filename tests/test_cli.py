@@ -116,3 +116,16 @@ def test_convert_original_checkpoint(tmp_path, monkeypatch):
     loaded = load_checkpoint(tmp_path / "o")
     x, t = torch.randn(1, 3, 8, 8), torch.tensor([3])
     torch.testing.assert_close(loaded.unet(x, t), unet(x, t))
+
+
+def test_train_stops_at_its_time_limit_and_refuses_a_bad_one(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", images=(rng.uniform(0, 1, (16, 8, 8)) > 0.5).astype(np.uint8) * 255)
+    words = ["train", "--data", str(tmp_path / "d.npz"), "--out", str(tmp_path / "run"), "--ch", "32"]
+    words += ["--ch-mult", "1,2", "--num-res-blocks", "1", "--attn-resolutions", "4", "--steps", "1000"]
+    words += ["--batch-size", "4", "--preview-every", "0", "--device", "cpu"]
+    with pytest.raises(SystemExit, match="--max-minutes must be positive"):
+        main([*words, "--max-minutes", "0"])
+    main([*words, "--max-minutes", "0.0001"])
+    record = (tmp_path / "run" / "model" / "training.json").read_text()
+    assert '"step": 1,' in record

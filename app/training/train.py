@@ -164,6 +164,7 @@ class Trainer:
         self.step = 0
         self.order = torch.empty(0, dtype=torch.long)
         self.elapsed = 0.0
+        self.earlier = _earlier_training(cfg.init_from)  # steps and seconds the started-from model had
         self._stop = False
         if (self.out / "state.pt").exists():
             self._resume()
@@ -205,6 +206,7 @@ class Trainer:
         self.order = state["order"]
         self.step = state["step"]
         self.elapsed = state.get("elapsed", 0.0)
+        self.earlier = state.get("earlier", self.earlier)
         log.info("resumed %s at step %d", self.out, self.step)
 
     def _init_from(self, path: str) -> None:
@@ -224,6 +226,7 @@ class Trainer:
                 "config": dataclasses.asdict(self.cfg),
                 "step": self.step,
                 "elapsed": self.elapsed,
+                "earlier": self.earlier,
                 "model": self.model.state_dict(),
                 "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
@@ -240,6 +243,9 @@ class Trainer:
                 {
                     "step": self.step,
                     "train_seconds": round(self.elapsed, 1),
+                    # counting the runs this one started from (--init-from), so a card can say the total
+                    "total_step": self.step + self.earlier["step"],
+                    "total_train_seconds": round(self.elapsed + self.earlier["train_seconds"], 1),
                     "device": str(self.device),
                     "config": dataclasses.asdict(self.cfg),
                 },
@@ -275,8 +281,11 @@ class Trainer:
         log.warning("signal %d: saving at the end of this step, then stopping", signum)
         self._stop = True
 
-    def run(self) -> Path:
+    def run(self, max_seconds: float | None = None) -> Path:
+        """Train to cfg.steps; with `max_seconds`, stop after the first step that ends past that much
+        wall time (a checkpoint is saved either way, and the same command resumes)."""
         cfg = self.cfg
+        deadline = None if max_seconds is None else time.monotonic() + max_seconds
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self.model.train()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
@@ -304,6 +313,9 @@ class Trainer:
                     self.save()
                 if cfg.preview_every and self.step % cfg.preview_every == 0:
                     self.preview()
+                if deadline is not None and time.monotonic() >= deadline:
+                    log.info("time limit of %.0f s reached at step %d", max_seconds, self.step)
+                    break
         finally:
             bar.close()
             for s, handler in old.items():
@@ -311,6 +323,18 @@ class Trainer:
         self.save()
         log.info("step %d: saved %s (%.0f s of training)", self.step, self.out / "model", self.elapsed)
         return self.out / "model"
+
+
+def _earlier_training(init_from: str | None) -> dict[str, float]:
+    """The totals in the training.json of the model a run starts from (zero when there is none)."""
+    record = Path(init_from or "") / "training.json"
+    if not init_from or not record.is_file():
+        return {"step": 0, "train_seconds": 0.0}
+    saved = json.loads(record.read_text())
+    return {
+        "step": int(saved.get("total_step", saved.get("step", 0))),
+        "train_seconds": float(saved.get("total_train_seconds", saved.get("train_seconds", 0.0))),
+    }
 
 
 def _norm(v):

@@ -123,3 +123,29 @@ def test_norm_groups_reach_the_network(digits, tmp_path):
     trainer = Trainer(_config(digits, tmp_path / "h", steps=1, norm_num_groups=8))
     assert trainer.unet_config.norm_num_groups == 8
     assert trainer.model.conv_norm_out.num_groups == 8
+
+
+def test_a_time_limit_stops_after_the_current_step_saved_and_resumable(digits, tmp_path):
+    out = tmp_path / "timed"
+    Trainer(_config(digits, out, steps=50)).run(max_seconds=0)
+    record = json.loads((out / "model" / "training.json").read_text())
+    assert record["step"] == 1
+    resumed = Trainer(_config(digits, out, steps=3))
+    assert resumed.step == 1
+    resumed.run()
+    assert resumed.step == 3
+
+
+def test_totals_count_the_runs_a_model_started_from(digits, tmp_path):
+    first = Trainer(_config(digits, tmp_path / "p", steps=2)).run()
+    second = Trainer(_config(digits, tmp_path / "q", steps=3, init_from=str(first))).run()
+    third_out = tmp_path / "r"
+    Trainer(_config(digits, third_out, steps=1, init_from=str(second))).run()
+    a, b, c = (json.loads((p / "training.json").read_text()) for p in (first, second, third_out / "model"))
+    assert (a["total_step"], b["total_step"], c["total_step"]) == (2, 5, 6)
+    assert c["total_train_seconds"] >= c["train_seconds"] + a["train_seconds"]
+    # a resumed run keeps the totals it started with, even if the source folder changed since
+    (second / "training.json").unlink()
+    resumed = Trainer(_config(digits, third_out, steps=2, init_from=str(second)))
+    resumed.run()
+    assert json.loads((third_out / "model" / "training.json").read_text())["total_step"] == 7
