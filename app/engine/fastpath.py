@@ -55,6 +55,20 @@ class FastPath:
             raise ValueError(f"cuda_graphs needs a CUDA device, the engine runs on {device}")
         if device.type != "cuda" and self.dtype == "float16":
             raise ValueError(f"dtype float16 needs a CUDA device, the engine runs on {device}")
+        if device.type == "cpu" and self.dtype == "bfloat16" and not cpu_has_native_bf16():
+            log.warning(
+                "dtype bfloat16 on a CPU without native bfloat16 (no AVX-512 BF16 or AMX): oneDNN "
+                "emulates it, 6x slower than float32 on the 28x28 model on an AVX2-only EPYC "
+                "(docs/benchmarks.md); DDPM_DTYPE=float32 is faster here"
+            )
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 natively on this CPU (AVX-512 BF16 or AMX). Unknown counts as yes."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private probe: absent from some builds
+        return True
 
 
 def buckets(max_batch: int) -> tuple[int, ...]:

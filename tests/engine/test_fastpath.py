@@ -5,9 +5,12 @@ autocast keeps 8 mantissa bits per convolution (≤ 5e-2 on ε, the stated budge
 float16 are exercised on a GPU by bench/gpu.sh and by the CUDA-only test below.
 """
 
+import logging
+
 import pytest
 import torch
 
+from app.engine import fastpath
 from app.engine.fastpath import FastPath, Forward, buckets
 from tests.tiny import tiny_unet
 
@@ -77,6 +80,15 @@ def test_rows_never_interact_so_padding_changes_nothing(batch, plain):
 def test_cuda_only_paths_are_refused_on_the_cpu(fast):
     with pytest.raises(ValueError, match="CUDA"):
         _forward(fast)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bfloat16_on_a_cpu_without_native_support_warns(native, monkeypatch, caplog):
+    monkeypatch.setattr(fastpath, "cpu_has_native_bf16", lambda: native)
+    with caplog.at_level(logging.WARNING, logger="app.engine.fastpath"):
+        FastPath(dtype="bfloat16").check(CPU)
+        FastPath().check(CPU)
+    assert ("without native bfloat16" in caplog.text) is not native
 
 
 def test_unknown_dtype_is_refused():
