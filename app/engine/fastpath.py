@@ -58,7 +58,7 @@ class FastPath:
         if device.type == "cpu" and self.dtype == "bfloat16" and not cpu_has_native_bf16():
             log.warning(
                 "dtype bfloat16 on a CPU without native bfloat16 (no AVX-512 BF16 or AMX): oneDNN "
-                "emulates it, 6x slower than float32 on the 28x28 model on an AVX2-only EPYC "
+                "emulates it, 6-19x slower than float32 on the 28x28 model on an AVX2-only EPYC "
                 "(docs/benchmarks.md); DDPM_DTYPE=float32 is faster here"
             )
 
