@@ -1,14 +1,22 @@
-"""Pieces shared by the job-creating routes: documented error answers and the 202/200 reply."""
+"""Pieces shared by the job-creating routes: the decorator, the request's context (`NewJobDep`),
+documented error answers and the 202/200 reply."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Response
+from fastapi import APIRouter, Depends, Response
 
 from app.api import schemas
+from app.api.deps import OwnerDep, ServiceDep, SettingsDep, WaitDep
+from app.api.errors import invalid
 from app.api.service import JobService, ModelEntry
 from app.jobs import JobRecord
+from app.settings import Settings
+
+Route = TypeVar("Route", bound=Callable[..., Any])
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -38,3 +46,46 @@ async def reply(service: JobService, job: JobRecord, wait: float | None, respons
     await service.wait(job.id, wait)
     response.status_code = 200
     return service.render(await service.get(job.id, job.owner))
+
+
+def post_job(router: APIRouter, path: str, *, from_job: bool = False) -> Callable[[Route], Route]:
+    """`POST path` answering 202 with the queued job (200 once it ended, with wait); `from_job` for
+    routes that can take an earlier job's image (409 while that job has not succeeded)."""
+    return router.post(
+        path,
+        status_code=202,
+        response_model=schemas.Job,
+        response_description="the job, queued (answered at once)",
+        responses=CREATED_FROM_JOB if from_job else CREATED,
+    )
+
+
+@dataclass
+class NewJob:
+    """What a job-creating route needs besides its body: the service, the limits, the caller, how long
+    to wait, and the response whose status and Location the reply sets."""
+
+    service: JobService
+    settings: Settings
+    owner: str | None
+    wait: float | None
+    response: Response
+
+    def check_images(self, field: str, count: int) -> None:
+        """400 when a request asks for more images than DDPM_MAX_IMAGES."""
+        if count > self.settings.max_images:
+            raise invalid(field, f"at most {self.settings.max_images} images per request (DDPM_MAX_IMAGES)")
+
+    async def submit(self, **job: Any) -> schemas.Job:
+        """Queue the job (as `JobService.submit`, for this caller) and reply with it."""
+        record = await self.service.submit(owner=self.owner, **job)
+        return await reply(self.service, record, self.wait, self.response)
+
+
+def _new_job(
+    service: ServiceDep, settings: SettingsDep, owner: OwnerDep, wait: WaitDep, response: Response
+) -> NewJob:
+    return NewJob(service, settings, owner, wait, response)
+
+
+NewJobDep = Annotated[NewJob, Depends(_new_job)]

@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Response
+from fastapi import APIRouter
 
 from app.api import schemas
-from app.api.deps import OwnerDep, ServiceDep, SettingsDep, WaitDep
 from app.api.errors import invalid
-from app.api.routes.common import CREATED_FROM_JOB, default_t, reply
+from app.api.routes.common import NewJobDep, default_t, post_job
 from app.api.service import JobService, ModelEntry
 from app.sampling import random_seed
 
@@ -38,25 +37,15 @@ async def _source_input(
     return await service.job_image(source.job, source.index, entry, owner=owner, prefix=f"{side}.")
 
 
-@router.post(
-    "/interpolate",
-    status_code=202,
-    response_model=schemas.Job,
-    response_description="the job, queued (answered at once)",
-    responses=CREATED_FROM_JOB,
-)
+@post_job(router, "/interpolate", from_job=True)
 async def interpolate(
     body: schemas.InterpolateRequest,
-    service: ServiceDep,
-    settings: SettingsDep,
-    owner: OwnerDep,
-    wait: WaitDep,
-    response: Response,
+    call: NewJobDep,
 ) -> schemas.Job:
     """Encode a and b to x_t with one shared noise, mix x̄_t = (1−λ) x_t^a + λ x_t^b, decode every λ
     with one shared reverse noise. Images are ordered by t, then λ; the grid has a row per t and a
     column per λ. A `{"seed": s}` source is first sampled with all T steps (Algorithm 2)."""
-    entry = service.model(body.model)
+    entry = call.service.model(body.model)
     timesteps = entry.timesteps  # T
     ts = body.t if isinstance(body.t, list) else [body.t if body.t is not None else default_t(entry)]
     if not ts:
@@ -65,15 +54,15 @@ async def interpolate(
         raise invalid("t", f"every t must be 1..{timesteps} for model {entry.name} (T = {timesteps})")
     lambdas = body.lambdas if body.lambdas is not None else np.linspace(0.0, 1.0, body.num).tolist()
     rows = len(ts) * len(lambdas)
-    if rows > settings.max_images:
+    if rows > call.settings.max_images:
         raise invalid(
             "lambdas" if body.lambdas is not None else "num",
-            f"{len(ts)} t × {len(lambdas)} λ make {rows} images, more than the {settings.max_images} "
+            f"{len(ts)} t × {len(lambdas)} λ make {rows} images, more than the {call.settings.max_images} "
             "allowed per request (DDPM_MAX_IMAGES); give fewer t or λ",
         )
     if body.steps is not None and body.steps > min(ts):
         raise invalid("steps", f"must be 1..{min(ts)}: the reverse process from t has at most t steps")
-    max_steps = service.max_steps(entry)
+    max_steps = call.service.max_steps(entry)
     decode_steps = body.steps or max(ts)
     if decode_steps > max_steps:
         raise invalid(
@@ -90,7 +79,7 @@ async def interpolate(
             "(DDPM_MAX_STEPS); upload the image or name a job's image instead",
         )
     inputs = {
-        side: await _source_input(service, entry, owner, side, source)
+        side: await _source_input(call.service, entry, call.owner, side, source)
         for side, source in sources.items()
         if side not in seeded
     }
@@ -107,7 +96,7 @@ async def interpolate(
         "seed": seed,
         "output": body.output,
     }
-    job = await service.submit(
+    return await call.submit(
         kind="interpolate",
         model=entry.name,
         params=params,
@@ -117,6 +106,4 @@ async def interpolate(
         steps=(timesteps if seeded else 0)
         + decode_steps,  # as the engine counts: sources first, then decoding
         stream_every=body.stream_every,
-        owner=owner,
     )
-    return await reply(service, job, wait, response)

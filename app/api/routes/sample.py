@@ -4,38 +4,26 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter
 
 from app.api import schemas
-from app.api.deps import OwnerDep, ServiceDep, SettingsDep, WaitDep
 from app.api.errors import invalid
-from app.api.routes.common import CREATED, reply
+from app.api.routes.common import NewJobDep, post_job
 from app.api.uploads import decode_latents
 from app.sampling import default_variance, random_seed
 
 router = APIRouter(tags=["generation"])
 
 
-@router.post(
-    "/sample",
-    status_code=202,
-    response_model=schemas.Job,
-    response_description="the job, queued (answered at once)",
-    responses=CREATED,
-)
+@post_job(router, "/sample")
 async def sample(
     body: schemas.SampleRequest,
-    service: ServiceDep,
-    settings: SettingsDep,
-    owner: OwnerDep,
-    wait: WaitDep,
-    response: Response,
+    call: NewJobDep,
 ) -> schemas.Job:
     """Sample `n` images; image k depends only on (seed, k), whatever else the server is running."""
-    entry = service.model(body.model)
-    if body.n > settings.max_images:
-        raise invalid("n", f"at most {settings.max_images} images per request (DDPM_MAX_IMAGES)")
-    max_steps = service.max_steps(entry)
+    entry = call.service.model(body.model)
+    call.check_images("n", body.n)
+    max_steps = call.service.max_steps(entry)
     steps = body.steps if body.steps is not None else max_steps
     if steps > max_steps:
         raise invalid("steps", f"must be 1..{max_steps} for model {entry.name} (T = {entry.timesteps})")
@@ -43,7 +31,7 @@ async def sample(
     if body.latents is not None:
         shape = (body.n, entry.ckpt.channels, entry.ckpt.resolution, entry.ckpt.resolution)
         inputs["latents"] = await asyncio.to_thread(
-            decode_latents, body.latents, shape=shape, max_bytes=settings.max_body_bytes
+            decode_latents, body.latents, shape=shape, max_bytes=call.settings.max_body_bytes
         )
     seed = body.seed if body.seed is not None else random_seed()
     # The engine takes a variance for every row (DDIM ignores it); the job shows it for ddpm only.
@@ -64,7 +52,7 @@ async def sample(
         "latents": body.latents is not None,
         "output": body.output,
     }
-    job = await service.submit(
+    return await call.submit(
         kind="sample",
         model=entry.name,
         params=params,
@@ -73,6 +61,4 @@ async def sample(
         seed=seed,
         steps=steps,
         stream_every=body.stream_every,
-        owner=owner,
     )
-    return await reply(service, job, wait, response)
