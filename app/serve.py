@@ -13,65 +13,38 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import sys
-import textwrap
 from typing import Any
 
-from pydantic import ValidationError
-
+from app import launch
 from app.settings import Settings
 
 STARTUP_FAILURE = 3  # uvicorn's exit status when the server did not start
 GRACEFUL_SHUTDOWN_SECONDS = 10  # for requests in flight at SIGTERM; open streams end at once (below)
 
 
-def _settings_help() -> str:
-    lines = ["environment (flags take precedence):"]
-    for name, field in Settings.model_fields.items():
-        default = field.default_factory() if field.default_factory is not None else field.default
-        shown = "none" if default in (None, []) else default
-        text = f"{field.description} (default: {shown})"
-        lines.append(
-            textwrap.fill(text, 100, initial_indent=f"  DDPM_{name.upper():<22} ", subsequent_indent=" " * 30)
-        )
-    return "\n".join(lines)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ddpm-serve",
-        description="Serve DDPM sampling over HTTP (OpenAPI docs at /docs).",
-        epilog=_settings_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--model",
-        action="append",
-        metavar="REF",
-        help="model to load (folder, PRESET:WEIGHTS or hf:REPO); repeatable, the first is the default",
+    p = launch.parser(
+        "ddpm-serve",
+        "Serve DDPM sampling over HTTP (OpenAPI docs at /docs).",
+        model_help="model to load (folder, PRESET:WEIGHTS or hf:REPO); repeatable, the first is the default",
     )
     p.add_argument("--host", help="address to listen on")
     p.add_argument("--port", type=int, help="TCP port")
-    p.add_argument("--device", help="torch device: auto, cpu, cuda, cuda:1, …")
     return p
+
+
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {"models": args.model, "host": args.host, "port": args.port, "device": args.device}
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
     """Settings from the environment, with the flags that were given on top."""
-    overrides = {"models": args.model, "host": args.host, "port": args.port, "device": args.device}
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    return launch.settings_with(**_flags(args))
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    try:
-        settings = settings_from(args)
-    except ValidationError as e:
-        sys.exit(f"ddpm-serve: invalid settings\n{e}")
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    settings = launch.start("ddpm-serve", **_flags(build_parser().parse_args(argv)))
 
     import uvicorn
 

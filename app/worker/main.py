@@ -7,55 +7,44 @@ required). Several workers may run per host, one per GPU (`--device cuda:N`), ea
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 from typing import Any
 
-from pydantic import ValidationError
-
+from app import launch
 from app.settings import Settings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ddpm-worker",
-        description="Run DDPM jobs from the Redis queues of distributed mode (needs DDPM_REDIS_URL). "
-        "Environment variables as for ddpm-serve; see docs/distributed.md.",
+    p = launch.parser(
+        "ddpm-worker",
+        "Run DDPM jobs from the Redis queues of distributed mode (needs DDPM_REDIS_URL); "
+        "see docs/distributed.md.",
+        model_help="model to load and serve (folder, PRESET:WEIGHTS or hf:REPO); repeatable",
     )
-    p.add_argument(
-        "--model",
-        action="append",
-        metavar="REF",
-        help="model to load and serve (folder, PRESET:WEIGHTS or hf:REPO); repeatable",
-    )
-    p.add_argument("--device", help="torch device: auto, cpu, cuda, cuda:1, …")
     p.add_argument("--name", help="consumer name, unique among the workers (default: HOST-PID)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     return p
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
-    overrides = {
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {
         "models": args.model,
         "device": args.device,
         "worker_name": args.name,
         "worker_metrics_port": args.metrics_port,
     }
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, with the flags that were given on top."""
+    return launch.settings_with(**_flags(args))
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    try:
-        settings = settings_from(args)
-    except ValidationError as e:
-        sys.exit(f"ddpm-worker: invalid settings\n{e}")
+    settings = launch.start("ddpm-worker", **_flags(build_parser().parse_args(argv)))
     if not settings.redis_url:
         sys.exit("ddpm-worker: DDPM_REDIS_URL is not set; a worker takes its jobs from Redis")
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
 
     from app.jobs.redis_connect import sync_client
     from app.loading import load_models
