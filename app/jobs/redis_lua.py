@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from app.jobs.records import RECORD_FIELDS, JobRecord, Status
+from app.jobs.store import InvalidTransition, JobNotFound
 
 # Shared by every script: the status machine of records.py, TTL refresh, event append.
 _PRELUDE = r"""
@@ -258,3 +259,13 @@ def pairs_to_dict(flat: list[Any]) -> dict[Any, Any]:
 
 def ttl_ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
+
+
+def updated_record(job_id: str, status: str | None, reply: list[bytes]) -> JobRecord:
+    """The job after an UPDATE script's `reply`; JobNotFound or InvalidTransition if it refused."""
+    outcome = reply[0].decode()
+    if outcome == "missing":
+        raise JobNotFound(job_id)
+    if outcome == "invalid":
+        raise InvalidTransition(job_id, Status(reply[1].decode()), Status(status))
+    return record_from_hash(pairs_to_dict(reply[1:]))

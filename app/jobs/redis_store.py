@@ -17,10 +17,10 @@ import redis.asyncio
 from redis.exceptions import RedisError
 
 from app.jobs import redis_lua as lua
-from app.jobs.records import Event, EventType, JobRecord, Status
+from app.jobs.records import Event, EventType, JobRecord
 from app.jobs.redis_connect import async_client
 from app.jobs.redis_keys import Keys
-from app.jobs.store import InvalidTransition, JobNotFound
+from app.jobs.store import JobNotFound
 
 _BATCH = 100  # events per XRANGE/XREAD round trip
 _MAX_BLOCK_MS = 1000  # a follower re-checks expiry and shutdown at least this often
@@ -72,12 +72,7 @@ class RedisJobStore:
     async def update(self, job_id: str, **changes: Any) -> JobRecord:
         status, pairs = lua.change_args(changes)
         reply = await self._update(keys=self.keys.job_keys(job_id), args=[self._ttl, status, *pairs])
-        outcome = reply[0].decode()
-        if outcome == "missing":
-            raise JobNotFound(job_id)
-        if outcome == "invalid":
-            raise InvalidTransition(job_id, Status(reply[1].decode()), Status(status))
-        return lua.record_from_hash(lua.pairs_to_dict(reply[1:]))
+        return lua.updated_record(job_id, status, reply)
 
     async def append_event(self, job_id: str, type: EventType, data: dict[str, Any]) -> Event:
         kind = EventType(type)

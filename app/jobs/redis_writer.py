@@ -13,7 +13,6 @@ import redis
 from app.jobs import redis_lua as lua
 from app.jobs.records import TERMINAL, EventType, JobRecord, Status
 from app.jobs.redis_keys import Keys
-from app.jobs.store import InvalidTransition, JobNotFound
 
 ENDED = "ok"  # what `end` returns when this call ended the job
 
@@ -32,12 +31,7 @@ class JobWriter:
     def update(self, job_id: str, **changes: Any) -> JobRecord:
         status, pairs = lua.change_args(changes)
         reply = self._update(keys=self.keys.job_keys(job_id), args=[self._ttl, status, *pairs])
-        outcome = reply[0].decode()
-        if outcome == "missing":
-            raise JobNotFound(job_id)
-        if outcome == "invalid":
-            raise InvalidTransition(job_id, Status(reply[1].decode()), Status(status))
-        return lua.record_from_hash(lua.pairs_to_dict(reply[1:]))
+        return lua.updated_record(job_id, status, reply)
 
     def progress(self, job_id: str, step: int, steps: int, preview: dict[str, Any] | None) -> None:
         """Record progress and, on preview steps, append the preview event (one round trip)."""
