@@ -38,6 +38,9 @@ DEVICE_MEMORY_BYTES = Gauge(
     "ddpm_device_memory_bytes", "Accelerator memory held by tensors (torch.cuda.memory_allocated)", ["device"]
 )
 SSE_STREAMS = Gauge("ddpm_sse_streams", "Open /stream connections")
+WAITING_REQUESTS = Gauge(
+    "ddpm_waiting_requests", "POSTs holding their answer until their job ends (?wait=true, Prefer: wait)"
+)
 
 ENGINE_STEP_SECONDS = Histogram(
     "ddpm_engine_step_seconds",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import socket
 import time
 
 import httpx
@@ -94,6 +96,31 @@ def test_prefer_wait_holds_at_most_n_seconds(client):
     assert response.status_code == 200 and job["status"] in ("queued", "running")
     assert 0.9 < elapsed < 5
     assert client.delete(f"/jobs/{job['id']}").json()["status"] == "cancelled"
+
+
+def test_a_waiting_post_stops_waiting_when_its_client_goes_away(live, client):
+    """The job goes on (it can be fetched later); only the request's wait ends, within a poll or two."""
+    host, port = live.url.removeprefix("http://").split(":")
+    body = json.dumps({**LONG, "seed": 11}).encode()
+    head = f"POST /sample?wait=true HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    waiting = lambda: metric(client.get("/metrics").text, "ddpm_waiting_requests")  # noqa: E731
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 30
+        while waiting() < 1:
+            assert time.monotonic() < deadline, "the request never started waiting"
+            time.sleep(0.05)
+    deadline = time.monotonic() + 5
+    while waiting() > 0:
+        assert time.monotonic() < deadline, "the request went on waiting for a client that left"
+        time.sleep(0.05)
+    running = metric(client.get("/metrics").text, "ddpm_engine_slots", model="tiny", state="running")
+    assert running == 1  # the job itself goes on, to the end
+    done = lambda: metric(client.get("/metrics").text, "ddpm_jobs_total", kind="sample", outcome="succeeded")  # noqa: E731
+    before, deadline = done(), time.monotonic() + 120
+    while done() == before:
+        assert time.monotonic() < deadline, "the job did not finish"
+        time.sleep(0.2)
 
 
 # Downloads

@@ -3,12 +3,15 @@ documented error answers and the 202/200 reply."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
 
+from app import metrics
 from app.api import schemas
 from app.api.deps import OwnerDep, ServiceDep, SettingsDep, WaitDep
 from app.api.errors import invalid
@@ -17,6 +20,8 @@ from app.jobs import JobRecord
 from app.settings import Settings
 
 Route = TypeVar("Route", bound=Callable[..., Any])
+log = logging.getLogger(__name__)
+DISCONNECT_POLL_SECONDS = 0.5  # how often a waiting POST looks whether its client is still there
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -38,14 +43,41 @@ def default_t(entry: ModelEntry) -> int:
     return max(1, entry.timesteps // 2)
 
 
-async def reply(service: JobService, job: JobRecord, wait: float | None, response: Response) -> schemas.Job:
-    """202 with the queued job at once, or 200 with the job once it ended (or `wait` seconds passed)."""
+async def reply(
+    service: JobService,
+    job: JobRecord,
+    wait: float | None,
+    response: Response,
+    request: Request,
+) -> schemas.Job:
+    """202 with the queued job at once, or 200 with the job once it ended (or `wait` seconds passed).
+    A waiting request stops waiting when its client goes away (`request`); the job goes on."""
     if wait is None:
         response.headers["Location"] = f"/jobs/{job.id}"
         return service.render(job)
-    await service.wait(job.id, wait)
+    with metrics.WAITING_REQUESTS.track_inprogress():
+        gone = await _unless_disconnected(service.wait(job.id, wait), request)
+    if gone:
+        log.info("job %s: the client of a waiting request went away; the job goes on", job.id)
     response.status_code = 200
     return service.render(await service.get(job.id, job.owner))
+
+
+async def _unless_disconnected(waiting: Awaitable[None], request: Request) -> bool:
+    """Await `waiting` unless the client disconnects first; whether it did."""
+    waiter, watcher = asyncio.ensure_future(waiting), asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((waiter, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this request's task is cancelled
+        for task in (waiter, watcher):
+            task.cancel()
+        await asyncio.gather(waiter, watcher, return_exceptions=True)
+    return watcher.done() and not watcher.cancelled()
+
+
+async def _disconnected(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
 
 
 def post_job(router: APIRouter, path: str, *, from_job: bool = False) -> Callable[[Route], Route]:
@@ -70,6 +102,7 @@ class NewJob:
     owner: str | None
     wait: float | None
     response: Response
+    request: Request
 
     def check_images(self, field: str, count: int) -> None:
         """400 when a request asks for more images than DDPM_MAX_IMAGES."""
@@ -79,13 +112,18 @@ class NewJob:
     async def submit(self, **job: Any) -> schemas.Job:
         """Queue the job (as `JobService.submit`, for this caller) and reply with it."""
         record = await self.service.submit(owner=self.owner, **job)
-        return await reply(self.service, record, self.wait, self.response)
+        return await reply(self.service, record, self.wait, self.response, self.request)
 
 
 def _new_job(
-    service: ServiceDep, settings: SettingsDep, owner: OwnerDep, wait: WaitDep, response: Response
+    service: ServiceDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+    wait: WaitDep,
+    response: Response,
+    request: Request,
 ) -> NewJob:
-    return NewJob(service, settings, owner, wait, response)
+    return NewJob(service, settings, owner, wait, response, request)
 
 
 NewJobDep = Annotated[NewJob, Depends(_new_job)]
