@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -112,6 +114,76 @@ def test_the_async_client_does_the_same(live):
     with Client(live.url) as ddpm:  # the same request, the same images, whichever client
         same = ddpm.sample(2, steps=5, seed=3, model="tiny2", wait=True)
         assert np.array_equal(ddpm.images(same), images)
+
+
+class CuttingProxy:
+    """A TCP proxy to `port` that cuts its first connection after `cut` bytes of the server's answer
+    (mid-event), as a dropped network or a restarted proxy would; later connections pass whole."""
+
+    def __init__(self, port: int, cut: int):
+        self.port, self.cut = port, cut
+        self.requests: list[bytes] = []  # the head of each connection's first request
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.requests.append(b"")
+            threading.Thread(target=self._serve, args=(conn, len(self.requests) - 1), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, index: int) -> None:
+        cutting = index == 0
+        with conn, socket.create_connection(("127.0.0.1", self.port)) as up:
+            head = conn.recv(65536)
+            self.requests[index] = head
+            up.sendall(head)
+            sent = 0
+            while data := up.recv(4096):
+                if cutting and sent + len(data) >= self.cut:
+                    conn.sendall(data[: self.cut - sent])
+                    return  # both sockets close: the client sees the stream end mid-message
+                conn.sendall(data)
+                sent += len(data)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def cutting(live) -> Iterator[CuttingProxy]:
+    proxy = CuttingProxy(int(live.url.rsplit(":", 1)[1]), cut=2500)
+    yield proxy
+    proxy.close()
+
+
+async def _stream_async(url: str, job: Job) -> list:
+    async with AsyncClient(url, retries=2) as through:
+        return [event async for event in through.stream(job)]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_dropped_stream_resumes_after_the_last_event_with_nothing_lost_or_repeated(ddpm, cutting, kind):
+    job = ddpm.sample(1, steps=12, stream_every=1, seed=4, model="tiny2", wait=True)
+    if kind == "sync":
+        with Client(cutting.url, retries=2) as through:
+            events = list(through.stream(job))
+    else:
+        events = asyncio.run(_stream_async(cutting.url, job))
+    steps = [e.step for e in events[:-1]]
+    assert steps == list(range(1, 13)) and events[-1].status == "succeeded"
+    assert len(cutting.requests) == 2, "the first connection was not cut mid-stream"
+    first, resumed = (request.decode("latin-1").lower() for request in cutting.requests)
+    assert first.startswith("get /stream/") and "last-event-id" not in first
+    # The second asked for what came after the last whole event the first delivered: had it not, or
+    # had the client yielded the event the cut tore, a step would be missing or repeated above.
+    after = int(resumed.split("last-event-id: ")[1].split()[0])
+    ids = [e.id for e in events[:-1]]
+    assert after in ids[:-1]
 
 
 @pytest.mark.parametrize(
