@@ -3,8 +3,9 @@
 Each iteration (ARCHITECTURE.md): apply cancellations → admit queued work while rows are free →
 stack every running row's x_t and t, run ε_θ once → apply each row's own update (DDPM, DDIM, or a
 bound term), vectorised over rows → emit x̂₀ previews → retire finished groups. A new job waits at
-most one step to join, never a whole chain. No HTTP, no Redis: work comes in through `submit`,
-progress goes out through a `Listener`.
+most one step to join, never a whole chain, when its rows are free; a wide job at the head of the
+queue does not hold back narrower ones behind it that cannot delay it (EASY backfilling, `_admit`).
+No HTTP, no Redis: work comes in through `submit`, progress goes out through a `Listener`.
 
 The admission policy is switchable, to measure what step-level batching buys (bench/serving.py):
 "step" (the above), "request" (request-level batching: jobs join only an empty batch, and the jobs
@@ -66,6 +67,14 @@ class Run:
     @property
     def stream_every(self) -> int:
         return int(self.work.params.get("stream_every") or 0)
+
+
+def _steps(ctx: programs.Context, work: Work) -> float:
+    """The job's steps, or infinity when its parameters cannot say (it will fail when it starts)."""
+    try:
+        return programs.total_steps(ctx, work)
+    except (KeyError, TypeError, ValueError):
+        return float("inf")
 
 
 def rows_needed(work: Work) -> int:
@@ -205,7 +214,7 @@ class Engine:
             with self._cond:
                 queued = [w for w in self._queue if w.job_id == job_id]
                 for w in queued:
-                    self._queue.remove(w)
+                    self._unqueue(w)
             run = self._runs.pop(job_id, None)
             if run is not None:
                 self._active = [g for g in self._active if g.job_id != job_id]
@@ -214,17 +223,17 @@ class Engine:
                 self.listener.on_cancelled(job_id)
 
     def _admit(self) -> None:
-        """FIFO: the head job joins when the policy lets it and its rows fit (or when nothing runs, however
-        wide it is)."""
+        """Jobs join in queue order while the policy lets them and their rows fit (the head also when
+        nothing runs, however wide it is). Under "step", when the head must wait for rows, a later job
+        may go first if that cannot delay the head (EASY backfilling): it ends before enough rows free
+        up for the head, or it only takes rows the head will not need then."""
         opening = not self._active  # request policy: only a batch formed from empty takes jobs
         while True:
             with self._cond:
-                if not self._queue:
+                work = self._next_work(opening)
+                if work is None:
                     return
-                work = self._queue[0]
-                if self._active and not self._may_join(work, opening):
-                    return
-                self._queue.popleft()
+                self._unqueue(work)
                 self._admitting = work.job_id
             try:
                 run = Run(
@@ -240,11 +249,51 @@ class Engine:
             finally:
                 self._admitting = None
 
+    def _unqueue(self, work: Work) -> None:
+        """Take `work` out of the queue, by identity (Work equality would compare arrays)."""
+        for i, queued in enumerate(self._queue):
+            if queued is work:
+                del self._queue[i]
+                return
+
+    def _next_work(self, opening: bool) -> Work | None:
+        """The queued job to admit now, if any (called holding the lock)."""
+        if not self._queue:
+            return None
+        head = self._queue[0]
+        if not self._active or self._may_join(head, opening):
+            return head
+        if self.policy != "step":
+            return None
+        shadow, spare = self._head_start(rows_needed(head))
+        for work in list(self._queue)[1:]:
+            rows = rows_needed(work)
+            if self._may_join(work, opening) and (rows <= spare or _steps(self.ctx, work) <= shadow):
+                return work
+        return None
+
+    def _head_start(self, head_rows: int) -> tuple[int, int]:
+        """(steps until enough rows are free for the head, rows free then beyond the head's), if the
+        running jobs go on as planned and none joins."""
+        free = self.max_batch - self.reserved
+        shadow = 0
+        for run in sorted(self._runs.values(), key=lambda r: r.steps - r.step):
+            if free >= head_rows:
+                break
+            free += rows_needed(run.work)
+            shadow = run.steps - run.step
+        return shadow, max(0, free - head_rows)
+
+    @property
+    def reserved(self) -> int:
+        """Rows the admitted jobs hold at their widest phase (a job's phases can differ in width)."""
+        return sum(rows_needed(run.work) for run in self._runs.values())
+
     def _may_join(self, work: Work, opening: bool) -> bool:
         """Whether `work` may join the running batch under the policy."""
         if self.policy == "serial" or (self.policy == "request" and not opening):
             return False
-        return self.running + rows_needed(work) <= self.max_batch
+        return self.reserved + rows_needed(work) <= self.max_batch
 
     def _enter_phase(self, run: Run, groups: list[Group]) -> None:
         run.groups = groups

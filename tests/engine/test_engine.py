@@ -221,3 +221,77 @@ def test_likelihood_equals_calc_bpd_loop(engine_factory, tiny_ckpt):
     curve = extra["curve"]
     assert len(curve["rate"][0]) == len(curve["distortion"][0]) == 40
     np.testing.assert_allclose(curve["rate"][0][0], extra["bits_per_dim"][0], rtol=1e-5)
+
+
+def _start_order(rec) -> list[str]:
+    return [event[1] for event in rec.events if event[0] == "started"]
+
+
+def test_a_later_job_goes_first_only_if_it_cannot_delay_the_head(engine_factory):
+    """EASY backfilling. max_batch 4: `wide` (3 rows, 10 steps) runs; the head `wider` (4 rows) waits
+    10 steps for rows. `short` (1 row, 3 steps) ends before that and goes first; `long` (1 row, 30
+    steps) would still hold its row at step 10 and delay the head, so it waits its turn."""
+    engine, rec = engine_factory(max_batch=4)
+    engine.submit(sample_work("wide", n=3, steps=10, seed=1))
+    engine.submit(sample_work("wider", n=4, steps=5, seed=2))
+    engine.submit(sample_work("short", n=1, steps=3, seed=3))
+    engine.submit(sample_work("long", n=1, steps=30, seed=4))
+    engine.start()
+    for job in ("wide", "wider", "short", "long"):
+        _images(rec, job)
+    assert _start_order(rec) == ["wide", "short", "wider", "long"]
+    assert engine.forwards == 10 + 5 + 30  # short rode along with wide; long ran after wider
+
+
+def test_a_later_job_may_take_rows_the_head_will_not_need(engine_factory):
+    """max_batch 6: `wide` (4 rows, 5 steps) runs; the head `three` (3 rows) waits for it. `one`
+    (1 row, 30 steps) outlasts the wait, but at step 5 six rows are free and the head needs three:
+    the spare row is `one`'s, so it goes first."""
+    engine, rec = engine_factory(max_batch=6)
+    engine.submit(sample_work("wide", n=4, steps=5, seed=1))
+    engine.submit(sample_work("three", n=3, steps=5, seed=2))
+    engine.submit(sample_work("one", n=1, steps=30, seed=3))
+    engine.start()
+    for job in ("wide", "three", "one"):
+        _images(rec, job)
+    assert _start_order(rec) == ["wide", "one", "three"]
+    assert engine.forwards == 30
+
+
+def test_other_policies_keep_strict_queue_order(engine_factory):
+    engine, rec = engine_factory(max_batch=4, policy="request")
+    engine.submit(sample_work("wide", n=3, steps=5, seed=1))
+    engine.submit(sample_work("wider", n=4, steps=5, seed=2))
+    engine.submit(sample_work("short", n=1, steps=2, seed=3))
+    engine.start()
+    for job in ("wide", "wider", "short"):
+        _images(rec, job)
+    assert _start_order(rec) == ["wide", "wider", "short"]
+
+
+def test_a_job_holds_its_widest_phase_so_the_batch_never_exceeds_max_batch(engine_factory):
+    """An interpolation from seeds samples its 2 sources first, then decodes 4 λ: its 4 rows are held
+    from the start, so a 2-row job waits rather than joining the 2-row phase and overflowing later."""
+    engine, rec = engine_factory(max_batch=4)
+    sizes = []
+
+    class Counting:
+        def __init__(self, forward):
+            self.forward = forward
+
+        def __call__(self, x, t):
+            sizes.append(len(x))
+            return self.forward(x, t)
+
+        def __getattr__(self, name):
+            return getattr(self.forward, name)
+
+    engine.forward = Counting(engine.forward)
+    params = {"t": [10], "lambdas": [0.0, 0.3, 0.7, 1.0], "steps": 5, "seed": 1, "a_seed": 7, "b_seed": 8}
+    engine.submit(Work(job_id="i", kind="interpolate", model="tiny", params={**params, "stream_every": 0}))
+    engine.submit(sample_work("s", n=2, steps=40, seed=3))
+    engine.start()
+    _images(rec, "i")
+    _images(rec, "s")
+    assert max(sizes) == 4 and _start_order(rec) == ["i", "s"]
+    assert sizes == [2] * 40 + [4] * 5 + [2] * 40
