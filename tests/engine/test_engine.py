@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from app.diffusion import Variance, calc_bpd_loop
@@ -227,46 +228,49 @@ def _start_order(rec) -> list[str]:
     return [event[1] for event in rec.events if event[0] == "started"]
 
 
-def test_a_later_job_goes_first_only_if_it_cannot_delay_the_head(engine_factory):
-    """EASY backfilling. max_batch 4: `wide` (3 rows, 10 steps) runs; the head `wider` (4 rows) waits
-    10 steps for rows. `short` (1 row, 3 steps) ends before that and goes first; `long` (1 row, 30
-    steps) would still hold its row at step 10 and delay the head, so it waits its turn."""
-    engine, rec = engine_factory(max_batch=4)
-    engine.submit(sample_work("wide", n=3, steps=10, seed=1))
-    engine.submit(sample_work("wider", n=4, steps=5, seed=2))
-    engine.submit(sample_work("short", n=1, steps=3, seed=3))
-    engine.submit(sample_work("long", n=1, steps=30, seed=4))
+# EASY backfilling, case by case: (policy, max_batch, jobs as (name, rows, steps) in queue order,
+# the order they start in, forwards in all).
+BACKFILL = {
+    # `wide` runs; the head `wider` waits 10 steps for rows. `short` ends before that and goes first;
+    # `long` would still hold its row at step 10 and delay the head, so it waits its turn.
+    "a later job goes first only if it cannot delay the head": (
+        "step",
+        4,
+        [("wide", 3, 10), ("wider", 4, 5), ("short", 1, 3), ("long", 1, 30)],
+        ["wide", "short", "wider", "long"],
+        10 + 5 + 30,
+    ),
+    # `one` outlasts the head's wait, but when `wide` ends six rows are free and the head needs three:
+    # the spare row is `one`'s, so it goes first.
+    "a later job may take rows the head will not need": (
+        "step",
+        6,
+        [("wide", 4, 5), ("three", 3, 5), ("one", 1, 30)],
+        ["wide", "one", "three"],
+        30,
+    ),
+    "other policies keep strict queue order": (
+        "request",
+        4,
+        [("wide", 3, 5), ("wider", 4, 5), ("short", 1, 2)],
+        ["wide", "wider", "short"],
+        5 + 5 + 2,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("policy", "max_batch", "jobs", "order", "forwards"), BACKFILL.values(), ids=BACKFILL
+)
+def test_admission_order(engine_factory, policy, max_batch, jobs, order, forwards):
+    engine, rec = engine_factory(max_batch=max_batch, policy=policy)
+    for seed, (name, rows, steps) in enumerate(jobs):
+        engine.submit(sample_work(name, n=rows, steps=steps, seed=seed))
     engine.start()
-    for job in ("wide", "wider", "short", "long"):
-        _images(rec, job)
-    assert _start_order(rec) == ["wide", "short", "wider", "long"]
-    assert engine.forwards == 10 + 5 + 30  # short rode along with wide; long ran after wider
-
-
-def test_a_later_job_may_take_rows_the_head_will_not_need(engine_factory):
-    """max_batch 6: `wide` (4 rows, 5 steps) runs; the head `three` (3 rows) waits for it. `one`
-    (1 row, 30 steps) outlasts the wait, but at step 5 six rows are free and the head needs three:
-    the spare row is `one`'s, so it goes first."""
-    engine, rec = engine_factory(max_batch=6)
-    engine.submit(sample_work("wide", n=4, steps=5, seed=1))
-    engine.submit(sample_work("three", n=3, steps=5, seed=2))
-    engine.submit(sample_work("one", n=1, steps=30, seed=3))
-    engine.start()
-    for job in ("wide", "three", "one"):
-        _images(rec, job)
-    assert _start_order(rec) == ["wide", "one", "three"]
-    assert engine.forwards == 30
-
-
-def test_other_policies_keep_strict_queue_order(engine_factory):
-    engine, rec = engine_factory(max_batch=4, policy="request")
-    engine.submit(sample_work("wide", n=3, steps=5, seed=1))
-    engine.submit(sample_work("wider", n=4, steps=5, seed=2))
-    engine.submit(sample_work("short", n=1, steps=2, seed=3))
-    engine.start()
-    for job in ("wide", "wider", "short"):
-        _images(rec, job)
-    assert _start_order(rec) == ["wide", "wider", "short"]
+    for name, _, _ in jobs:
+        _images(rec, name)
+    assert _start_order(rec) == order
+    assert engine.forwards == forwards
 
 
 def test_a_job_holds_its_widest_phase_so_the_batch_never_exceeds_max_batch(engine_factory):
