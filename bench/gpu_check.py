@@ -165,8 +165,9 @@ def engine_checks(checks: Checks, arch: str, device: torch.device, steps: int) -
         checks.compare(f"engine DDPM-{steps} vs generate, job {k}", g, w, max_tol=1e-2)
 
 
-def bundled_quality(checks: Checks, device: torch.device) -> None:
-    """bf16 fast path vs float32 on the trained bundled model: image deviation and classifier IS."""
+def bundled_quality(checks: Checks, device: torch.device, *, n: int = 64, steps: int = 20) -> None:
+    """bf16 fast path vs float32 on the trained bundled model: image deviation and classifier IS of
+    `n` DDIM images of `steps` steps."""
     from app.evaluation.classifier import classify, load_classifier
     from app.evaluation.metrics import inception_score
 
@@ -177,12 +178,15 @@ def bundled_quality(checks: Checks, device: torch.device) -> None:
         ("bf16", FastPath(channels_last=True, dtype="bfloat16", cuda_graphs=graphs)),
     ):
         ckpt = load_checkpoint(BUNDLED_MODEL, device=device)
-        work = [lambda job_id: sample_work(job_id, model="check", n=64, steps=20, sampler="ddim", seed=7)]
-        images[name] = engine_images(ckpt, fast, work, max_batch=64)[0]
+        work = [lambda job_id: sample_work(job_id, model="check", n=n, steps=steps, sampler="ddim", seed=7)]
+        images[name] = engine_images(ckpt, fast, work, max_batch=n)[0]
     classifier = load_classifier(BUNDLED_MODEL.parent / "mnist-classifier")
     score = {name: inception_score(classify(classifier, x)[1].numpy()) for name, x in images.items()}
     checks.compare(
-        "bundled DDIM-20 bf16 fast path vs float32", images["bf16"], images["float32"], mean_tol=5e-2
+        f"bundled DDIM-{steps} ×{n} bf16 fast path vs float32",
+        images["bf16"],
+        images["float32"],
+        mean_tol=5e-2,
     )
     ok = score["bf16"] >= score["float32"] - 0.5
     row = {
@@ -203,6 +207,8 @@ def main() -> None:
     parser.add_argument("--arch", default="cifar10", choices=ARCHS)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20, help="sampler steps of the engine checks")
+    parser.add_argument("--quality-images", type=int, default=64, help="images of the bundled-model check")
+    parser.add_argument("--quality-steps", type=int, default=20, help="DDIM steps of the bundled-model check")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.backends.cudnn.allow_tf32 = False  # float32 comparisons, not TF32 ones
@@ -217,7 +223,7 @@ def main() -> None:
     update_checks(checks, device)
     engine_checks(checks, args.arch, device, args.steps)
     if BUNDLED_MODEL.exists() and (BUNDLED_MODEL.parent / "mnist-classifier").exists():
-        bundled_quality(checks, device)
+        bundled_quality(checks, device, n=args.quality_images, steps=args.quality_steps)
     else:
         print("bf16 quality on the bundled model: skipped, models/mnist is not there")
     print()
