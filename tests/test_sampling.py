@@ -63,7 +63,8 @@ def test_images_depend_only_on_seed_and_index(pretrained):
     ckpt = load_checkpoint(pretrained[0])
     four = generate(ckpt, n=4, steps=5, seed=3).images
     two = generate(ckpt, n=2, steps=5, seed=3).images
-    torch.testing.assert_close(four[:2], two, atol=1e-5, rtol=0)
+    # equal up to float rounding: with two threads the kernels' sums can split differently by batch size
+    torch.testing.assert_close(four[:2], two, atol=1e-4, rtol=0)
     assert not torch.allclose(four[0], four[1])
     assert generate(ckpt, n=1, steps=5).seed != generate(ckpt, n=1, steps=5).seed  # random when not given
 

@@ -128,6 +128,7 @@ class Worker:
             self._done.set()
             for thread in threads:
                 thread.join(5)
+            self._retire()
 
     def _announce(self) -> None:
         registry.publish(self.redis, self.keys, self.info, self.specs, self._heartbeat_ttl)
@@ -344,6 +345,9 @@ class Worker:
                     self._changed.wait_for(lambda: not self._claims, HANDED_BACK_WAIT_SECONDS)
         self.pool.stop(HANDED_BACK_WAIT_SECONDS)
         self.listener.close(deadline=max(deadline, time.monotonic() + 1.0))
+
+    def _retire(self) -> None:
+        """Leave the live workers; after the heartbeat thread has stopped, so no beat comes after."""
         try:
             registry.retire(self.redis, self.keys, self.name)
         except RedisError as e:
