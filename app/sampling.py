@@ -54,11 +54,14 @@ def generate(
     seed: int | None = None,
     latents: torch.Tensor | None = None,
     callback: StepCallback | None = None,
+    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> Samples:
     """Sample `n` images with Algorithm 2 (sampler="ddpm") or DDIM, on the checkpoint's device.
 
     `steps` < T uses the trailing subsequence of timesteps; `callback(i, t, x_t, x̂₀)` runs after
     every step. `latents` (n, C, H, W) replaces x_T; the per-step noise still comes from (seed, k).
+    `model` is the ε_θ(x_t, t) to call instead of the plain `ckpt.unet`, e.g. the engine's fast path
+    (`app.engine.fastpath.Forward` of the same U-Net).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -74,7 +77,7 @@ def generate(
     noise = ImageNoise(seed, range(n), shape, device)
     x_T = noise.randn() if latents is None else latents.to(device, torch.float32)
     schedule = schedule_of(ckpt).to(device)
-    unet = ckpt.unet.eval()
+    unet = ckpt.unet.eval() if model is None else model
     if sampler == "ddpm":
         variance = default_variance(ckpt) if variance is None else Variance(variance)
         x0 = sample_ddpm(

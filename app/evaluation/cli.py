@@ -59,6 +59,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER))
     e.add_argument("--data", default=str(DEFAULT_DATA), help="real digits: the FID reference")
     e.add_argument("--device", default=_device())
+    e.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="U-Net autocast dtype, as the engine's DDPM_DTYPE (bfloat16 needs a CPU with AVX-512 BF16 "
+        "or AMX to be fast; float16 is CUDA-only)",
+    )
+    e.add_argument("--channels-last", action="store_true", help="NHWC activations, as DDPM_CHANNELS_LAST")
+    e.add_argument(
+        "--compile", action="store_true", help="torch.compile the U-Net for the batch sizes, as DDPM_COMPILE"
+    )
     e.add_argument("--json", default=None, help="also write the figures to this JSON file")
     e.set_defaults(func=_eval)
 
@@ -118,6 +129,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _sample(args: argparse.Namespace) -> tuple[torch.Tensor, str, str]:
     """`args.n` samples in batches of `args.batch_size`, with the table label and command that made them."""
+    from app.engine.fastpath import FastPath, Forward
     from app.nets import resolve_model
     from app.rng import image_seed
     from app.sampling import default_variance, generate
@@ -127,6 +139,10 @@ def _sample(args: argparse.Namespace) -> tuple[torch.Tensor, str, str]:
         raise ValueError(f"{args.model}: makes {ckpt.channels}-channel images; the classifier needs 1")
     steps = args.steps or ckpt.scheduler.num_train_timesteps
     sizes = [min(args.batch_size, args.n - i) for i in range(0, args.n, args.batch_size)]
+    model = None  # the plain float32 U-Net, unless a fast path is asked for
+    if args.channels_last or args.compile or args.dtype != "float32":
+        fast = FastPath(args.channels_last, args.dtype, args.compile, buckets=tuple(sizes))
+        model = Forward(ckpt.unet, fast, device=torch.device(args.device), max_batch=args.batch_size)
     images = []
     bar = tqdm(total=len(sizes) * steps, desc=f"{args.sampler} ×{args.n}", unit="step", dynamic_ncols=True)
     with bar:
@@ -141,6 +157,7 @@ def _sample(args: argparse.Namespace) -> tuple[torch.Tensor, str, str]:
                 variance=args.variance,
                 seed=image_seed(args.seed, b),
                 callback=lambda *_: bar.update(1),
+                model=model,
             )
             images.append(result.images)
     words = ["ddpm", "eval", "--model", args.model, "--n", str(args.n)]
@@ -153,6 +170,10 @@ def _sample(args: argparse.Namespace) -> tuple[torch.Tensor, str, str]:
         label = f"DDIM {steps} steps, η={args.eta:g}"
         words += ["--eta", f"{args.eta:g}"]
     words += ["--seed", str(args.seed), "--batch-size", str(args.batch_size)]
+    if model is not None:
+        words += ["--dtype", args.dtype] * (args.dtype != "float32")
+        words += ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
+        label += f", {args.dtype}" * (args.dtype != "float32")
     return torch.cat(images), label, shlex.join(words)
 
 

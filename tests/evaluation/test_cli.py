@@ -48,7 +48,8 @@ def test_eval_samples_in_seeded_batches_and_crops_32px_images(monkeypatch, small
     # Census employees', the last 5,000 students'), padded as a DDPM trained at 32×32 would give them.
     fake_digits = pad_to(digits[0][2000:3000], 32)
 
-    def generate(ckpt, *, n, steps, sampler, eta, variance, seed, callback):
+    def generate(ckpt, *, n, steps, sampler, eta, variance, seed, callback, model):
+        assert model is None  # the plain U-Net unless a fast path is asked for
         start = sum(c["n"] for c in calls)
         calls.append({"n": n, "seed": seed, "steps": steps, "sampler": sampler, "variance": variance})
         for i in range(steps):
@@ -86,3 +87,43 @@ def test_eval_runs_a_real_sampler_on_a_tiny_32px_ddpm(tmp_path, small_mnist, cap
     assert report["n"] == 24 and sum(report["class_counts"]) == 24
     assert 1.0 <= report["is"] < 10.0 and report["fid"] > 0
     assert "| DDIM 3 steps, η=0 | 24 |" in capsys.readouterr().out
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _sample_args(**fast):
+    args = dict(model=str(REPO / "models" / "mnist"), n=12, batch_size=5, sampler="ddim", steps=3,
+                eta=0.0, variance=None, seed=3, device="cpu", dtype="float32", channels_last=False,
+                compile=False)  # fmt: skip
+    return SimpleNamespace(**(args | fast))
+
+
+@pytest.mark.parametrize(
+    "fast, flags, tolerance",
+    [
+        ({"channels_last": True}, " --channels-last", 1e-4),
+        ({"dtype": "bfloat16", "channels_last": True}, " --dtype bfloat16 --channels-last", 5e-2),
+        pytest.param({"compile": True}, " --compile", 1e-4, marks=pytest.mark.slow),
+    ],
+)
+def test_eval_samples_through_the_engines_fast_paths(fast, flags, tolerance):
+    """`ddpm eval --dtype/--channels-last/--compile` samples through the engine's Forward; the images
+    match the plain U-Net's, and the table row says how they were made."""
+    from app.evaluation.cli import _sample
+
+    plain, plain_label, plain_command = _sample(_sample_args())
+    images, label, command = _sample(_sample_args(**fast))
+    assert images.shape == plain.shape == (12, 1, 28, 28)
+    assert (images - plain).abs().mean() < tolerance
+    assert command == plain_command + flags
+    assert label == plain_label + (", bfloat16" if "dtype" in fast else "")
+
+
+def test_eval_refuses_float16_on_the_cpu():
+    from app.cli import main as ddpm
+
+    with pytest.raises(SystemExit, match="float16 needs a CUDA device"):
+        ddpm(
+            ["eval", "--n", "4", "--sampler", "ddim", "--steps", "2", "--dtype", "float16", "--device", "cpu"]
+        )
