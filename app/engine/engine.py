@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from app.engine import programs
+from app.engine.buffers import StepBuffers
 from app.engine.fastpath import FastPath, Forward
 from app.engine.groups import BoundGroup, ChainGroup, Group
 from app.engine.steps import COLUMNS, compiled_update, fused_update
@@ -112,6 +113,7 @@ class Engine:
         self.device = next(self.unet.parameters()).device
         self.fast = fast or FastPath()
         self.forward = Forward(self.unet, self.fast, device=self.device, max_batch=max_batch)
+        self.buffers = StepBuffers(self.device, self.forward.memory_format)
         self._step = compiled_update() if self.fast.compile else fused_update
         self.schedule = schedule_of(ckpt).to(self.device)
         self.ctx = programs.Context(ckpt=ckpt, schedule=self.schedule, device=self.device)
@@ -304,18 +306,20 @@ class Engine:
         active = list(self._active)
         try:
             with torch.inference_mode():
-                x = torch.cat([g.model_input(self.schedule) for g in active])
-                t = torch.cat([g.rows_t(self.schedule) for g in active])
-                eps = self.forward(x, t)
+                rows = sum(g.rows for g in active)
+                padded = self.forward.bucket(rows)
+                x = self.buffers.gather("x", [g.model_input(self.schedule) for g in active], padded)
+                t = self.buffers.gather("t", [g.rows_t(self.schedule) for g in active], padded)
+                eps = self.forward(x, t)[:rows]
                 self.forwards += 1
-                previews = self._update(active, x, eps)
+                previews = self._update(active, x[:rows], eps)
         except Exception as e:  # the batch fails, the engine goes on
             log.exception("engine %s: step failed", self.name)
             for job_id in {g.job_id for g in active}:
                 self._fail(job_id, "engine_error", f"{type(e).__name__}: {e}")
             return
         ENGINE_FORWARDS.labels(self.name).inc()
-        ENGINE_BATCH_SIZE.labels(self.name).observe(len(x))
+        ENGINE_BATCH_SIZE.labels(self.name).observe(rows)
         self._advance_runs(active, previews)
         ENGINE_STEP_SECONDS.labels(self.name).observe(time.perf_counter() - started)
 
@@ -328,12 +332,12 @@ class Engine:
         if chains:
             groups = [g for g in active if isinstance(g, ChainGroup)]
             every = len(chains) == len(active)
-            xc = x if every else torch.cat([xs[i] for i in chains])
+            gather = self.buffers.gather
             x_prev, pred_x0 = self._step(
-                xc,
-                eps if every else torch.cat([epss[i] for i in chains]),
-                torch.cat([g.noise.randn() for g in groups]),
-                torch.cat([g.rows_coef(self.schedule) for g in groups]),
+                x if every else gather("x_chains", [xs[i] for i in chains]),
+                eps if every else gather("eps_chains", [epss[i] for i in chains]),
+                gather("z", [g.noise.randn() for g in groups]),
+                gather("coef", [g.rows_coef(self.schedule) for g in groups]),
             )
             for g, xp, x0, xt in zip(
                 groups,

@@ -92,7 +92,7 @@ class Forward:
         fast.check(device)
         self.unet, self.fast, self.device = unet.eval(), fast, device
         self.buckets = (tuple(sorted(set(fast.buckets))) or buckets(max_batch)) if fast.padded else ()
-        self._memory_format = torch.channels_last if fast.channels_last else torch.contiguous_format
+        self.memory_format = torch.channels_last if fast.channels_last else torch.contiguous_format
         if fast.channels_last:
             self.unet.to(memory_format=torch.channels_last)
         self._eager = self._autocast(self.unet)
@@ -115,6 +115,10 @@ class Forward:
 
         return forward
 
+    def bucket(self, rows: int) -> int:
+        """The batch size that `rows` rows run at: their bucket when batches are padded, else `rows`."""
+        return next((b for b in self.buckets if b >= rows), rows)
+
     @torch.inference_mode()
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         rows = x.shape[0]
@@ -127,14 +131,14 @@ class Forward:
         return self._fn(self._layout(_pad(x, bucket)), _pad(t, bucket))[:rows]
 
     def _layout(self, x: Tensor) -> Tensor:
-        return x.contiguous(memory_format=self._memory_format)
+        return x.contiguous(memory_format=self.memory_format)
 
     def _graph(self, bucket: int, shape: tuple[int, ...]) -> _Graph:
         graph = self._graphs.get(bucket)
         if graph is None:  # captured by warm_up, or here on first use when warm_up was skipped
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            graph = _Graph(self._fn, bucket, shape, self._memory_format, self.device, self._pool)
+            graph = _Graph(self._fn, bucket, shape, self.memory_format, self.device, self._pool)
             self._graphs[bucket] = graph
         return graph
 
