@@ -240,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init-from", dest="init_from", help="start a new run from this checkpoint's weights")
     t.add_argument("--device", default=best_device())
     t.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        help="autocast dtype (default float32); bfloat16 is faster on CUDA and on CPUs with AVX-512 BF16 "
+        "or AMX, emulated and slower elsewhere; weights, Adam and the EMA stay float32",
+    )
+    t.add_argument(
         "--max-minutes",
         dest="max_minutes",
         type=float,

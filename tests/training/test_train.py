@@ -149,3 +149,26 @@ def test_totals_count_the_runs_a_model_started_from(digits, tmp_path):
     resumed = Trainer(_config(digits, third_out, steps=2, init_from=str(second)))
     resumed.run()
     assert json.loads((third_out / "model" / "training.json").read_text())["total_step"] == 7
+
+
+def test_bfloat16_autocast_trains_float32_weights_near_the_float32_run(digits, tmp_path):
+    plain = Trainer(_config(digits, tmp_path / "fp32", steps=3, dropout=0.0))
+    plain.run()
+    mixed = Trainer(_config(digits, tmp_path / "bf16", steps=3, dropout=0.0, dtype="bfloat16"))
+    model = mixed.run()
+    assert all(p.dtype == torch.float32 for p in [*mixed.model.parameters(), *mixed.ema.parameters()])
+    # Adam moves a weight by at most about lr a step: 3 steps of lr ≤ 1e-3 apart from float32 by < 6e-3,
+    # and autocast did run (the weights are not bit-equal)
+    pairs = zip(plain.model.parameters(), mixed.model.parameters(), strict=True)
+    gap = max((p - q).abs().max().item() for p, q in pairs)
+    assert 0 < gap < 6e-3
+    assert json.loads((model / "training.json").read_text())["config"]["dtype"] == "bfloat16"
+
+
+def test_training_dtypes_are_checked_and_emulated_bfloat16_warns(digits, tmp_path, monkeypatch, caplog):
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16"):
+        Trainer(_config(digits, tmp_path / "f16", dtype="float16"))
+    monkeypatch.setattr("app.training.train.cpu_has_native_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="app.training.train"):
+        Trainer(_config(digits, tmp_path / "emulated", dtype="bfloat16"))
+    assert "emulated" in caplog.text
