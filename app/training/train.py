@@ -290,6 +290,23 @@ class Trainer:
         save_png(str(path), make_grid(x, ncol=8))
         return path
 
+    def train_step(self, x0: torch.Tensor) -> float:
+        """One step of Algorithm 1 on the batch x0, then the EMA; returns the loss."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, self.cfg)
+        with self._autocast():
+            loss = training_loss(self.model, self.schedule, x0, self.generator)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss is {value} at step {self.step}; lower --lr")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        ema_update(self.ema, self.model, ema_decay_at(self.step, self.cfg.ema_decay))
+        self.step += 1
+        return value
+
     def _autocast(self) -> torch.autocast:
         dtype = self.cfg.dtype
         return torch.autocast(self.device.type, TRAIN_DTYPES[dtype], enabled=dtype != "float32")
@@ -310,21 +327,10 @@ class Trainer:
         try:
             while self.step < cfg.steps and not self._stop:
                 started = time.perf_counter()
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr_at(self.step, cfg)
-                with self._autocast():
-                    loss = training_loss(self.model, self.schedule, self.next_batch(), self.generator)
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; lower --lr")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                self.optimizer.step()
-                ema_update(self.ema, self.model, ema_decay_at(self.step, cfg.ema_decay))
-                self.step += 1
+                loss = self.train_step(self.next_batch())
                 took = time.perf_counter() - started
                 self.elapsed += took
-                smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
+                smoothed = loss if smoothed is None else 0.98 * smoothed + 0.02 * loss
                 bar.set_postfix(loss=f"{smoothed:.4f}", img_s=f"{cfg.batch_size / took:.0f}")
                 bar.update(1)
                 if self.step % cfg.checkpoint_every == 0:
