@@ -11,6 +11,7 @@ import json
 import shlex
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -71,6 +72,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--compile", action="store_true", help="torch.compile the U-Net for the batch sizes, as DDPM_COMPILE"
     )
     e.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    e.add_argument("--npy", default=None, help="also save the samples: float32 (n, C, H, W) in [-1, 1]")
     e.set_defaults(func=_eval)
 
 
@@ -106,6 +108,8 @@ def _eval(args: argparse.Namespace) -> None:
         from app.evaluation.metrics import gaussian_stats
 
         images, label, command = _sample(args)
+        if args.npy:
+            np.save(args.npy, images.numpy().astype(np.float32))
         reference = gaussian_stats(classify(classifier, real, batch_size=args.batch_size)[0])
         report = evaluate(images, classifier, reference, batch_size=args.batch_size)
     report["command"] = command

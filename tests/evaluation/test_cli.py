@@ -79,11 +79,13 @@ def test_eval_runs_a_real_sampler_on_a_tiny_32px_ddpm(tmp_path, small_mnist, cap
     cfg = UNetConfig.ddpm(resolution=32, in_channels=1, ch=32, ch_mult=(1, 1), num_res_blocks=1,
                           attn_resolutions=(), dropout=0.0)  # fmt: skip
     save_checkpoint(tmp_path / "tiny", UNet(cfg), SchedulerConfig(num_train_timesteps=30))
-    out = tmp_path / "ddim.json"
+    out, npy = tmp_path / "ddim.json", tmp_path / "samples.npy"
     main(["eval", "--model", str(tmp_path / "tiny"), "--n", "24", "--batch-size", "10", "--sampler", "ddim",
           "--steps", "3", "--data", small_mnist, "--classifier", SHIPPED, "--device", "cpu",
-          "--json", str(out)])  # fmt: skip
+          "--json", str(out), "--npy", str(npy)])  # fmt: skip
     report = json.loads(out.read_text())
+    samples = np.load(npy)
+    assert samples.shape == (24, 1, 32, 32) and samples.dtype == np.float32 and np.abs(samples).max() <= 1.0
     assert report["n"] == 24 and sum(report["class_counts"]) == 24
     assert 1.0 <= report["is"] < 10.0 and report["fid"] > 0
     assert "| DDIM 3 steps, η=0 | 24 |" in capsys.readouterr().out
