@@ -3,7 +3,8 @@
     .venv/bin/python -m bench.precision A.npy B.npy [--classifier models/mnist-classifier] [--name precision]
 
 A and B are `ddpm eval --npy` (or `ddpm sample --npy`) outputs of the same command but for the precision
-or fast path, so image k of both starts from the same noise. Prints the mean and largest absolute pixel
+or fast path (same --seed, --n and --batch-size: `eval` seeds each batch), so image k of both starts from
+the same noise; only the shapes can be checked here. Prints the mean and largest absolute pixel
 difference (on [−1, 1]), the share of images whose classifier label agrees, and each set's Inception
 Score and mean confidence. Writes bench/results/<name>.json.
 """

@@ -97,6 +97,10 @@ def _eval(args: argparse.Namespace) -> None:
     from app.evaluation.metrics import evaluate, evaluate_real
     from app.training.data import load_images
 
+    sampling = {"--npy": args.npy, "--dtype": args.dtype != "float32", "--channels-last": args.channels_last,
+                "--compile": args.compile}  # fmt: skip
+    if args.real and (given := [flag for flag, value in sampling.items() if value]):
+        raise ValueError(f"{', '.join(given)}: for samples of a model, not with --real")
     classifier = load_classifier(args.classifier, device=args.device)
     real = load_images(args.data)
     if args.real:

@@ -22,15 +22,20 @@ def test_gather_concatenates_into_one_reused_buffer_and_pads_with_zeros():
 def test_gather_grows_a_buffer_only_for_a_wider_step_or_another_shape():
     buffers = StepBuffers(torch.device("cpu"))
     buffers.gather("x", [torch.ones(2, 3)])
-    wider = buffers.gather("x", [torch.ones(5, 3)])
-    assert wider.shape == (5, 3) and buffers.allocations == 2
+    wider = buffers.gather("x", [torch.ones(3, 3)])  # doubles: room for 4
+    assert wider.shape == (3, 3) and buffers.allocations == 2
     buffers.gather("x", [torch.ones(4, 3)])
     assert buffers.allocations == 2
+    buffers.gather("x", [torch.ones(9, 3)])  # wider than double: just enough
+    buffers.gather("x", [torch.ones(9, 3)])
+    assert buffers.allocations == 3
     buffers.gather("x", [torch.ones(4, 2)])  # another row shape
     buffers.gather("t", [torch.ones(4, dtype=torch.long)])  # another name
-    assert buffers.allocations == 4
+    assert buffers.allocations == 5
     with pytest.raises(ValueError, match="cannot gather 4 rows into 3"):
         buffers.gather("x", [torch.ones(4, 2)], rows=3)
+    with pytest.raises(TypeError, match="several dtypes"):
+        buffers.gather("x", [torch.ones(1, 2), torch.ones(1, 2, dtype=torch.float64)])
 
 
 def test_images_are_kept_in_the_forwards_memory_format():

@@ -168,7 +168,11 @@ def test_bfloat16_autocast_trains_float32_weights_near_the_float32_run(digits, t
 def test_training_dtypes_are_checked_and_emulated_bfloat16_warns(digits, tmp_path, monkeypatch, caplog):
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16"):
         Trainer(_config(digits, tmp_path / "f16", dtype="float16"))
+    assert not (tmp_path / "f16").exists()
     monkeypatch.setattr("app.training.train.cpu_has_native_bf16", lambda: False)
     with caplog.at_level("WARNING", logger="app.training.train"):
-        Trainer(_config(digits, tmp_path / "emulated", dtype="bfloat16"))
+        Trainer(_config(digits, tmp_path / "emulated", dtype="bfloat16", steps=1)).run()
     assert "emulated" in caplog.text
+    with caplog.at_level("WARNING", logger="app.training.train"):  # resumed without --dtype bfloat16
+        Trainer(_config(digits, tmp_path / "emulated", steps=2))
+    assert "was trained in bfloat16 so far; it goes on in float32" in caplog.text
