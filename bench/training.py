@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.training [--batch 64] [--repeat 5] [--threads N] [--device cpu|cuda]
         [--name training]
 
-Two `Trainer`s with the bundled model's flags (the card's `ddpm train` command) and the same initial
+Two `Trainer`s with the bundled model's training configuration (its `training.json`) and the same initial
 weights, one with `--dtype float32`, one with `--dtype bfloat16`, step on the same batch of random
 28×28 images in interleaved rounds. Prints ms per step and images/s of each, and the ratio
 float32 / bfloat16 (above 1: bf16 is faster). Writes bench/results/<name>.json.
@@ -12,23 +12,30 @@ float32 / bfloat16 (above 1: bf16 is faster). Writes bench/results/<name>.json.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from app.cli import BUNDLED_MODEL
 from app.training.train import TrainConfig, Trainer
 from bench.common import interleaved, save, set_threads, table
 
-# the flags of the bundled model's training command (models/mnist/README.md)
-BUNDLED_FLAGS = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(7,), dropout=0.1,
-                     norm_num_groups=8, lr=5e-4, warmup=200, ema_decay=0.999)  # fmt: skip
+# what run-specific fields the bench sets itself; the rest comes from the shipped model's training.json
+RUN_FIELDS = {"data", "out", "batch_size", "dtype", "device", "preview_every", "init_from", "holdout"}
+
+
+def bundled_flags() -> dict:
+    """The bundled model's training configuration, as recorded in models/mnist/training.json."""
+    config = json.loads((BUNDLED_MODEL / "training.json").read_text())["config"]
+    return {k: v for k, v in config.items() if k in TrainConfig.__dataclass_fields__ and k not in RUN_FIELDS}
 
 
 def trainer(data: Path, out: Path, *, batch: int, dtype: str, device: str) -> Trainer:
     cfg = TrainConfig(data=str(data), out=str(out), batch_size=batch, dtype=dtype, device=device,
-                      preview_every=0, **BUNDLED_FLAGS)  # fmt: skip
+                      preview_every=0, **bundled_flags())  # fmt: skip
     t = Trainer(cfg)
     t.model.train()
     return t

@@ -122,8 +122,8 @@ class Forward:
     @torch.inference_mode()
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         rows = x.shape[0]
-        bucket = next((b for b in self.buckets if b >= rows), None)
-        if bucket is None:  # plain path: no padding, or wider than every bucket
+        bucket = self.bucket(rows)
+        if bucket not in self.buckets:  # plain path: no padding, or wider than every bucket
             return self._eager(self._layout(x), t)
         if self.fast.cuda_graphs:
             return self._graph(bucket, tuple(x.shape[1:])).run(x, t)

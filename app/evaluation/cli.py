@@ -97,10 +97,9 @@ def _eval(args: argparse.Namespace) -> None:
     from app.evaluation.metrics import evaluate, evaluate_real
     from app.training.data import load_images
 
-    sampling = {"--npy": args.npy, "--dtype": args.dtype != "float32", "--channels-last": args.channels_last,
-                "--compile": args.compile}  # fmt: skip
-    if args.real and (given := [flag for flag, value in sampling.items() if value]):
-        raise ValueError(f"{', '.join(given)}: for samples of a model, not with --real")
+    sampling = ["--npy"] * bool(args.npy) + [w for w in _fast_path_words(args) if w.startswith("--")]
+    if args.real and sampling:
+        raise ValueError(f"{', '.join(sampling)}: for samples of a model, not with --real")
     classifier = load_classifier(args.classifier, device=args.device)
     real = load_images(args.data)
     if args.real:
@@ -135,6 +134,12 @@ def _eval(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
 
+def _fast_path_words(args: argparse.Namespace) -> list[str]:
+    """The command-line words of the engine fast path asked for; none for the plain float32 U-Net."""
+    words = ["--dtype", args.dtype] * (args.dtype != "float32")
+    return words + ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
+
+
 def _sample(args: argparse.Namespace) -> tuple[torch.Tensor, str, str]:
     """`args.n` samples in batches of `args.batch_size`, with the table label and command that made them."""
     from app.engine.fastpath import FastPath, Forward
@@ -147,8 +152,9 @@ def _sample(args: argparse.Namespace) -> tuple[torch.Tensor, str, str]:
         raise ValueError(f"{args.model}: makes {ckpt.channels}-channel images; the classifier needs 1")
     steps = args.steps or ckpt.scheduler.num_train_timesteps
     sizes = [min(args.batch_size, args.n - i) for i in range(0, args.n, args.batch_size)]
+    fast_words = _fast_path_words(args)
     model = None  # the plain float32 U-Net, unless a fast path is asked for
-    if args.channels_last or args.compile or args.dtype != "float32":
+    if fast_words:
         fast = FastPath(args.channels_last, args.dtype, args.compile, buckets=tuple(sizes))
         model = Forward(ckpt.unet, fast, device=torch.device(args.device), max_batch=args.batch_size)
     images = []
@@ -178,10 +184,8 @@ def _sample(args: argparse.Namespace) -> tuple[torch.Tensor, str, str]:
         label = f"DDIM {steps} steps, η={args.eta:g}"
         words += ["--eta", f"{args.eta:g}"]
     words += ["--seed", str(args.seed), "--batch-size", str(args.batch_size)]
-    if model is not None:
-        words += ["--dtype", args.dtype] * (args.dtype != "float32")
-        words += ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
-        label += f", {args.dtype}" * (args.dtype != "float32")
+    words += fast_words
+    label += f", {args.dtype}" * (args.dtype != "float32")
     return torch.cat(images), label, shlex.join(words)
 
 

@@ -209,11 +209,11 @@ class Trainer:
                 f"{self.out}/state.pt was trained with other settings {clashes} "
                 "(saved, asked); use another --out folder"
             )
-        if saved.get("dtype", "float32") != self.cfg.dtype:
+        if (trained_in := saved.get("dtype", "float32")) != self.cfg.dtype:
             log.warning(
                 "%s was trained in %s so far; it goes on in %s (--dtype)",
                 self.out,
-                saved.get("dtype", "float32"),
+                trained_in,
                 self.cfg.dtype,
             )
         self.model.load_state_dict(state["model"])
