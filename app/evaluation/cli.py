@@ -114,7 +114,7 @@ def _eval(args: argparse.Namespace) -> None:
         if args.npy:
             np.save(args.npy, images.numpy().astype(np.float32))
         reference = gaussian_stats(classify(classifier, real, batch_size=args.batch_size)[0])
-        report = evaluate(images, classifier, reference, batch_size=args.batch_size)
+        report = evaluate(images, classifier, reference, reference_images=real, batch_size=args.batch_size)
     report["command"] = command
     counts = report["class_counts"]
     print(f"IS {report['is']:.3f}  FID {report['fid']:.3f}  mean confidence {report['mean_confidence']:.4f}")
@@ -123,6 +123,9 @@ def _eval(args: argparse.Namespace) -> None:
             f"FID floor for {report['subset']:,} samples: {report['fid_subset']:.3f} "
             f"({report['subset']:,} odd vs {report['fid_halves'][1]:,} even digits)"
         )
+    if "nn_distance" in report:
+        against = "the other real digits" if args.real else "the real digits"
+        print(f"median L2 pixel distance to the nearest of {against}: {report['nn_distance']:.3f}")
     print("class counts " + "  ".join(f"{k}:{c}" for k, c in enumerate(counts)))
     print(TABLE_HEADER)
     present = sum(c > 0 for c in counts)

@@ -76,24 +76,55 @@ def class_histogram(probs: ArrayLike) -> np.ndarray:
     return np.bincount(p.argmax(axis=1), minlength=p.shape[1]).astype(np.int64)
 
 
+def nearest_distances(
+    images: torch.Tensor, reference: torch.Tensor, *, skip: torch.Tensor | None = None, chunk: int = 512
+) -> np.ndarray:
+    """For each image, the L2 pixel distance to its nearest image in `reference`: (N,) float64.
+
+    A memorization check: samples that copy training images sit much nearer to them than real images
+    sit to each other. `skip[i]` names a reference row that image i may not match (itself, when the
+    images are drawn from the reference), for the real-vs-real baseline.
+    """
+    if images.shape[1:] != reference.shape[1:]:
+        shapes = tuple(images.shape[1:]), tuple(reference.shape[1:])
+        raise ValueError(f"images {shapes[0]} and reference {shapes[1]} differ")
+    if skip is not None and len(skip) != len(images):
+        raise ValueError(f"skip has {len(skip)} entries for {len(images)} images")
+    ref = reference.flatten(1).double()
+    out = []
+    for start in range(0, len(images), chunk):
+        d = torch.cdist(images[start : start + chunk].flatten(1).double(), ref)
+        if skip is not None:
+            rows = torch.arange(len(d))
+            d[rows, skip[start : start + chunk]] = float("inf")
+        out.append(d.min(dim=1).values)
+    return torch.cat(out).numpy()
+
+
 def evaluate(
     images: torch.Tensor,
     classifier: DigitClassifier,
     reference_stats: tuple[np.ndarray, np.ndarray],
     *,
+    reference_images: torch.Tensor | None = None,
     batch_size: int = 500,
     splits: int = 1,
 ) -> dict:
-    """IS, FID against `reference_stats` (μ, Σ of real features), class counts and mean confidence."""
+    """IS, FID against `reference_stats` (μ, Σ of real features), class counts and mean confidence;
+    with `reference_images` also the median distance from a sample to its nearest real image."""
     features, probs = classify(classifier, images, batch_size=batch_size)
     mu, sigma = gaussian_stats(features)
-    return {
+    report = {
         "n": len(images),
         "is": inception_score(probs, splits=splits),
         "fid": frechet_distance(mu, sigma, *reference_stats),
         "class_counts": class_histogram(probs).tolist(),
         "mean_confidence": float(probs.max(dim=1).values.double().mean()),
     }
+    if reference_images is not None:
+        crop = classifier.crop
+        report["nn_distance"] = float(np.median(nearest_distances(crop(images), crop(reference_images))))
+    return report
 
 
 def evaluate_real(
@@ -109,7 +140,8 @@ def evaluate_real(
     The halves are the even- and odd-indexed digits, so each holds the same share of any part of
     the set (e.g. of the digits the classifier was trained on). FID is biased upwards for small
     samples, so `subset` also gives the floor for that many odd digits against the even half
-    (`fid_subset`): the fair floor for an `eval` of `subset` samples.
+    (`fid_subset`): the fair floor for an `eval` of `subset` samples. The same odd digits give the
+    baseline of `nn_distance`: the median distance from a real digit to its nearest other digit.
     """
     features, probs = classify(classifier, images, batch_size=batch_size)
     even, odd = features[0::2], features[1::2]
@@ -127,4 +159,7 @@ def evaluate_real(
             raise ValueError(f"subset must be in 2..{len(odd)}, got {subset}")
         report["fid_subset"] = frechet_distance(*gaussian_stats(odd[:subset]), *even_stats)
         report["subset"] = subset
+        own = torch.arange(1, 2 * subset, 2)  # the odd digits' own rows, which they may not match
+        pixels = classifier.crop(images)
+        report["nn_distance"] = float(np.median(nearest_distances(pixels[own], pixels, skip=own)))
     return report

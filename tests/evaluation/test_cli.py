@@ -40,6 +40,9 @@ def test_eval_real_prints_a_table_row_and_writes_json(tmp_path, small_mnist, cap
     assert report["fid_halves"] == [1000, 1000] and report["subset"] == 500
     assert report["is"] > 9.0 and 0 < report["fid"] < report["fid_subset"] < 20.0
     assert report["command"].startswith("ddpm eval --real --n 500")
+    # the memorization baseline: a real digit is never a copy of another (distances in [-1, 1] pixels)
+    assert 3.0 < report["nn_distance"] < 15.0
+    assert f"nearest of the other real digits: {report['nn_distance']:.3f}" in printed
 
 
 def test_eval_samples_in_seeded_batches_and_crops_32px_images(monkeypatch, small_mnist, digits, capsys):
@@ -70,6 +73,22 @@ def test_eval_samples_in_seeded_batches_and_crops_32px_images(monkeypatch, small
     cells = [c.strip() for c in row.split("|")]
     assert cells[2] == "1,000" and float(cells[3]) > 9.0 and float(cells[4]) < 20.0 and cells[5] == "10/10"
     assert "--variance beta --seed 7 --batch-size 300" in row
+    assert "median L2 pixel distance to the nearest of the real digits: " in printed
+
+
+def test_eval_reports_samples_that_copy_the_reference_as_nearest_distance_zero(
+    tmp_path, monkeypatch, small_mnist, digits
+):
+    copies = digits[0][:40]  # the first 40 digits of the FID reference, handed back as "samples"
+    scheduler = SimpleNamespace(num_train_timesteps=1000, variance_type="fixed_large")
+    fake_ckpt = SimpleNamespace(channels=1, scheduler=scheduler)
+    monkeypatch.setattr("app.nets.resolve_model", lambda ref, device: fake_ckpt, raising=False)
+    monkeypatch.setattr("app.sampling.generate", lambda ckpt, *, n, **kw: SimpleNamespace(images=copies[:n]))
+    out = tmp_path / "copies.json"
+    main(["eval", "--model", "fake", "--n", "40", "--batch-size", "40", "--data", small_mnist,
+          "--classifier", SHIPPED, "--device", "cpu", "--json", str(out)])  # fmt: skip
+    # zero up to cdist's matrix-product rounding, against about 6 between distinct real digits
+    assert json.loads(out.read_text())["nn_distance"] == pytest.approx(0.0, abs=1e-4)
 
 
 def test_eval_runs_a_real_sampler_on_a_tiny_32px_ddpm(tmp_path, small_mnist, capsys):

@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from app.evaluation.metrics import class_histogram, frechet_distance, gaussian_stats, inception_score
+from app.evaluation.metrics import (
+    class_histogram,
+    frechet_distance,
+    gaussian_stats,
+    inception_score,
+    nearest_distances,
+)
 
 
 def _random_probs(n: int, k: int, seed: int) -> np.ndarray:
@@ -102,3 +108,25 @@ def test_gaussian_stats_are_float64_mean_and_covariance():
 def test_class_histogram_counts_argmax_classes():
     probs = np.eye(10)[[0, 0, 3, 9, 9, 9]] * 0.6 + 0.04
     assert class_histogram(probs).tolist() == [2, 0, 0, 1, 0, 0, 0, 0, 0, 3]
+
+
+def test_nearest_distances_are_the_brute_force_minimum_over_chunks():
+    g = torch.Generator().manual_seed(0)
+    images, reference = torch.randn(7, 1, 4, 4, generator=g), torch.randn(11, 1, 4, 4, generator=g)
+    expected = np.array([min(float((x.double() - r.double()).norm()) for r in reference) for x in images])
+    np.testing.assert_allclose(nearest_distances(images, reference, chunk=3), expected, rtol=1e-9)
+
+
+def test_nearest_distances_find_copies_and_skip_an_images_own_row():
+    reference = torch.tensor([0.0, 1.0, 3.0, 7.0]).view(4, 1, 1, 1)
+    copies = reference[[2, 0]]
+    assert nearest_distances(copies, reference).tolist() == [0.0, 0.0]
+    # leave-one-out: 3 matches 1 (distance 2) once its own row is skipped, 0 matches 1
+    assert nearest_distances(copies, reference, skip=torch.tensor([2, 0]), chunk=1).tolist() == [2.0, 1.0]
+
+
+def test_nearest_distances_refuse_mismatched_shapes():
+    with pytest.raises(ValueError, match="differ"):
+        nearest_distances(torch.zeros(2, 1, 28, 28), torch.zeros(3, 1, 32, 32))
+    with pytest.raises(ValueError, match="skip has 1 entries for 2 images"):
+        nearest_distances(torch.zeros(2, 1, 2, 2), torch.zeros(3, 1, 2, 2), skip=torch.tensor([0]))
