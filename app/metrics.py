@@ -6,7 +6,23 @@ metric twice. The engine imports its `ENGINE_*` metrics from here; the API and j
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+)
+
+# API.md: every name on /metrics starts with `ddpm_`. The client library's default collectors do not
+# (process_*, python_info, python_gc_*): keep the process figures (CPU seconds, resident memory, open
+# file descriptors, start time) as ddpm_process_*, drop the interpreter's.
+for _collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+    REGISTRY.unregister(_collector)
+ProcessCollector(namespace="ddpm")
 
 # Seconds, from a fast API answer to a long `?wait=true` or SSE stream.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)

@@ -32,6 +32,11 @@ _CODES = {
     429: "too_many_requests",
     503: "not_ready",
 }
+# FastAPI's 400 for a body its JSON parser gave up on other than by a syntax error: bytes that are not
+# UTF-8, an integer of more than 4,300 digits, nesting deeper than the recursion limit.
+_UNPARSABLE_BODY = "There was an error parsing the body"
+_NOT_JSON = "the request body is not valid JSON"
+_NOT_AN_OBJECT = "the request body must be a JSON object, sent with Content-Type: application/json"
 
 
 class ApiError(Exception):
@@ -89,10 +94,13 @@ def _field(loc: Sequence[Any]) -> str:
 
 def _validation_message(error: Mapping[str, Any]) -> str:
     message = str(error.get("msg", "invalid value"))
+    at_body = tuple(error.get("loc", ())) == ("body",)
     if error.get("type") == "json_invalid":
-        return "the request body is not valid JSON"
-    if error.get("type") == "missing" and tuple(error.get("loc", ())) == ("body",):
+        return _NOT_JSON
+    if error.get("type") == "missing" and at_body:
         return "a JSON object is required as the request body"
+    if error.get("type") in ("model_attributes_type", "dict_type") and at_body:  # text/plain, a form, [1]
+        return _NOT_AN_OBJECT
     return message.removeprefix("Value error, ")
 
 
@@ -116,6 +124,9 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and exc.detail == _UNPARSABLE_BODY:  # API.md keeps 400 for image data
+        message = f"{_NOT_JSON} (not UTF-8, a number too long, or nested too deep)"
+        return error_response(invalid("body", message))
     code = _CODES.get(exc.status_code, "error")
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
     if exc.status_code == 404 and message == "Not Found":

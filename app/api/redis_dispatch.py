@@ -4,8 +4,9 @@ The process holds no job state: a job is created and queued by one Lua script (S
 refuses when the queues are full), its record, events and results live in Redis (RedisJobStore), and
 any replica can serve any job. What the API knows of the models comes from the `ModelSpec`s workers
 publish. A background task refreshes that, the live workers and the queue positions every
-`REFRESH_SECONDS`; a position may thus lag by that much. While Redis is away every call raises a
-redis-py ConnectionError, which `install_error_handler` turns into a 503 that says so.
+`REFRESH_SECONDS`; a position may thus lag by that much, except that a job this replica cancels stops
+counting at once. While Redis is away every call raises a redis-py ConnectionError (the model list too,
+from the failed refresh on), which `install_error_handler` turns into a 503 that says so.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from app.engine.work import Work
 from app.jobs import JobRecord
 from app.jobs import redis_lua as lua
 from app.jobs.records import utcnow
+from app.jobs.redis_connect import safe_url
 from app.jobs.redis_keys import GROUP
 from app.jobs.redis_store import RedisJobStore
 from app.jobs.registry import ModelSpec, WorkerInfo, live_workers, model_specs
@@ -50,9 +52,13 @@ class RedisDispatcher:
         self.keys = store.keys
         self._submit = self.redis.register_script(lua.SUBMIT)
         self._cancel = self.redis.register_script(lua.CANCEL)
+        self._waiting = self.redis.register_script(lua.WAITING)
         self._specs: dict[str, ModelSpec] = {}
         self._workers: list[WorkerInfo] = []
-        self._positions: dict[str, int] = {}
+        self._unreachable: str | None = None  # why the latest refresh could not read Redis; None if it could
+        self._positions: dict[str, tuple[str, int]] = {}  # queued job id -> (model, 1-based place)
+        self._left: set[str] = set()  # jobs this replica took out of a queue since the last refresh began
+        self._refreshing = asyncio.Lock()  # one refresh at a time: an older snapshot never replaces a newer
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -67,6 +73,10 @@ class RedisDispatcher:
 
     # ---- what the workers published ----------------------------------------------------------
     def models(self) -> dict[str, ModelEntry]:
+        """The published models; while the latest refresh could not read Redis, a ConnectionError saying
+        why (a 503 in every route) rather than what was published before, or nothing."""
+        if self._unreachable is not None:
+            raise RedisConnectionError(self._unreachable)
         default = self.default_model()
         return {name: ModelEntry(name, spec, name == default) for name, spec in sorted(self._specs.items())}
 
@@ -82,18 +92,33 @@ class RedisDispatcher:
     async def unready(self) -> str | None:
         try:
             async with asyncio.timeout(PING_TIMEOUT_SECONDS):
-                await self.redis.ping()
                 await self.refresh()
-        except (RedisError, TimeoutError) as e:
-            return f"Redis is unreachable ({redis_reason(e)})"
+        except TimeoutError:
+            self._unreachable = f"no answer within {PING_TIMEOUT_SECONDS:g} s"
+        except RedisError:
+            pass  # refresh() noted why
+        if self._unreachable is not None:
+            return unreachable(self.settings.redis_url or "", self._unreachable)
         if not self._workers:
             return "no worker has a live heartbeat: start ddpm-worker (see docs/distributed.md)"
         return None
 
     async def refresh(self) -> None:
-        self._workers = await live_workers(self.redis, self.keys)
-        self._specs = await model_specs(self.redis, self.keys)
-        self._positions = await self._queue_positions()
+        """Read the live workers, the published models and the queue positions; note whether Redis
+        answered (what `models()` and /readyz report)."""
+        async with self._refreshing:
+            try:
+                workers = await live_workers(self.redis, self.keys)
+                specs = await model_specs(self.redis, self.keys)
+                positions = await self._queue_positions(specs)
+            except RedisError as e:
+                self._unreachable = redis_reason(e)
+                raise
+            self._workers, self._specs, self._unreachable = workers, specs, None
+            # A job taken out while this snapshot was read may still be in it: leave it out. The next
+            # snapshot begins after this one ended, when every job in `_left` has left its queue in Redis.
+            self._positions = {job: place for job, place in positions.items() if job not in self._left}
+            self._left.clear()
 
     async def _refresh_forever(self) -> None:
         while not self._closing:  # a flag, not only cancellation: redis-py can swallow a cancel mid-command
@@ -103,21 +128,26 @@ class RedisDispatcher:
             except RedisError as e:
                 log.debug("refresh failed: %s", e)  # the requests meanwhile get 503s that say why
 
-    async def _queue_positions(self) -> dict[str, int]:
-        """Job id -> 1-based position among the entries no worker has claimed yet, per model."""
-        positions: dict[str, int] = {}
-        for model in self._specs:
-            queue = self.keys.queue(model)
-            try:
-                groups = await self.redis.xinfo_groups(queue)
-            except redis.exceptions.ResponseError:
-                continue  # no queue yet
-            last = [g["last-delivered-id"] for g in groups if g["name"] == GROUP.encode()]
-            start = f"({last[0].decode()}" if last else "-"
-            entries = await self.redis.xrange(queue, start, "+", count=self.settings.max_queued_jobs)
-            for i, (_, fields) in enumerate(entries):
-                positions[fields[b"job"].decode()] = i + 1
+    async def _queue_positions(self, specs: dict[str, ModelSpec]) -> dict[str, tuple[str, int]]:
+        """Job id -> (model, 1-based place among the jobs still waiting for a worker in its queue)."""
+        positions: dict[str, tuple[str, int]] = {}
+        args = [GROUP, self.settings.max_queued_jobs, *self.keys.job_affixes()]
+        for model in specs:
+            waiting = await self._waiting(keys=[self.keys.queue(model)], args=args)
+            for i, job in enumerate(waiting):
+                positions[job.decode()] = (model, i + 1)
         return positions
+
+    def _left_queue(self, job: JobRecord) -> None:
+        """A queued job this replica took out of its queue stops counting here at once (elsewhere at the
+        next refresh): the jobs behind it move up."""
+        self._left.add(job.id)
+        gone = self._positions.pop(job.id, None)
+        if gone is not None:
+            self._positions = {
+                other: (model, place - 1 if model == gone[0] and place > gone[1] else place)
+                for other, (model, place) in self._positions.items()
+            }
 
     # ---- jobs ----------------------------------------------------------------------------------
     async def submit(self, job: JobRecord, work: Work) -> None:
@@ -143,16 +173,19 @@ class RedisDispatcher:
             raise QueueFull
         if outcome != "ok":
             raise ValueError(f"job {job.id} already exists")
-        self._positions[job.id] = int(reply[1])
+        self._positions[job.id] = (job.model, int(reply[1]))
 
     async def cancel(self, job: JobRecord) -> CancelOutcome:
         keys = [*self.keys.job_keys(job.id), self.keys.queue(job.model)]
         args = [lua.ttl_ms(self.store.ttl_seconds), lua.to_json(utcnow())]
         outcome = (await self._cancel(keys=keys, args=args)).decode()
+        if outcome == "cancelled":  # it was queued: its entry is gone
+            self._left_queue(job)
         return CancelOutcome.NO_RUNNER if outcome == "missing" else CancelOutcome.REQUESTED
 
     def queue_position(self, job: JobRecord) -> int | None:
-        return self._positions.get(job.id)
+        known = self._positions.get(job.id)
+        return known[1] if known is not None else None
 
     async def close(self) -> None:
         self._closing = True
@@ -165,12 +198,18 @@ def redis_reason(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-async def _redis_unavailable(_: Request, exc: Exception) -> JSONResponse:
+def unreachable(url: str, reason: str) -> str:
+    """What /readyz and every 503 `redis_unavailable` say about the job store: its URL (no password), why."""
+    return f"Redis is unreachable at {safe_url(url)} ({reason})"
+
+
+async def _redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, OutOfMemoryError):  # maxmemory-policy noeviction: writes refused, nothing dropped
         code, message = "redis_full", "the job store (Redis) is out of memory; retry when jobs have expired"
     else:
         code = "redis_unavailable"
-        message = f"the job store (Redis) is unreachable ({redis_reason(exc)}); retry in a few seconds"
+        url = request.app.state.settings.redis_url or ""
+        message = f"{unreachable(url, redis_reason(exc))}; retry in a few seconds"
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
     return error_response(ApiError(503, code, message, headers=headers))
 

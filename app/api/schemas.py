@@ -11,8 +11,13 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, WithJsonSchema, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 MAX_SEED = 2**63 - 1
+# Largest |value| accepted in a given x_T (`latents` of POST /sample). x_T ~ N(0, I) hardly ever leaves
+# ±6; the bound is generous so that any scaled or hand-made start passes, while values that only
+# overflow the sampler into a `non_finite` failure (1e30, …) are refused up front with a 422.
+MAX_LATENT_ABS = 1e3
 Sampler = Literal["ddpm", "ddim"]
 Output = Literal["png", "npy"]
 Kind = Literal["sample", "interpolate", "reconstruct", "likelihood"]
@@ -172,7 +177,11 @@ class SampleRequest(Request):
     clip_denoised: bool = Field(True, description="clip x̂₀ to [-1, 1] inside each step")
     seed: int | None = _SEED
     latents: str | None = Field(
-        None, description="base64 .npy, float32 (n, C, H, W): the x_T to start from (default: from the seed)"
+        None,
+        description=(
+            "base64 .npy, float32 (n, C, H, W): the x_T to start from (default: from the seed); finite "
+            f"values within ±{MAX_LATENT_ABS:g} (x_T ~ N(0, I), so larger ones are surely a mistake)"
+        ),
     )
     stream_every: int = _STREAM_EVERY
     output: Output = _OUTPUT
@@ -198,16 +207,28 @@ _T_OR_LIST = {
 Lambda = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
+# `index` picks an image of a job; sent with an image or a seed it would mean nothing. The image and
+# seed sources take it (hidden from the schema, whatever its value) only so that the route can refuse
+# it as "a.index" with the reason, rather than pydantic's "a.image.index: Extra inputs are not permitted".
+STRAY_INDEX = 'is only meaningful with job ({"job": id, "index": k}), which picks an image of that job'
+
+
+def _stray_index() -> Any:
+    return Field(None, exclude=True)
+
+
 class ImageSource(Request):
     """An uploaded image."""
 
     image: str = Field(description="base64 PNG/JPEG/WebP of the model's resolution and channels")
+    index: SkipJsonSchema[Any] = _stray_index()
 
 
 class SeedSource(Request):
     """A fresh sample (all T steps of Algorithm 2) drawn with this seed."""
 
     seed: int = Field(ge=0, le=MAX_SEED, description="use a fresh sample drawn with this seed")
+    index: SkipJsonSchema[Any] = _stray_index()
 
 
 class JobImageSource(Request):
@@ -266,15 +287,21 @@ class InterpolateRequest(Request):
         return self
 
 
+def _image_or_job() -> dict[str, Any]:
+    schema = exactly_one("image", "string", "job", "string")
+    schema["oneOf"][0]["not"] = {"required": ["index"]}  # index picks an image of `job` only
+    return schema
+
+
 class ReconstructRequest(Request):
     """Stochastic reconstructions sharing one x_t (Fig. 7 of Ho et al. 2020)."""
 
-    model_config = ConfigDict(json_schema_extra=exactly_one("image", "string", "job", "string"))
+    model_config = ConfigDict(json_schema_extra=_image_or_job())
 
     model: str | None = _MODEL
     image: str | None = Field(None, description="base64 PNG/JPEG/WebP (or give job and index)")
     job: str | None = Field(None, description="id of a succeeded job of yours, on the same model")
-    index: int = Field(0, ge=0, description="which image of `job` (0-based)")
+    index: int = Field(0, ge=0, description="which image of `job` (0-based); only with job, not with image")
     t: int | None = Field(None, ge=1, description=_T)
     n: int = Field(4, ge=1, le=4096, description="independent reverse runs, 1..max_images")
     seed: int | None = _SEED

@@ -203,15 +203,40 @@ class JobService:
         """409 unless the job has succeeded (its results exist only then)."""
         if job.status is not Status.SUCCEEDED:
             state = "has not finished" if not job.status.terminal else f"ended as {job.status}"
-            raise ApiError(409, "not_ready", f"job {job.id} {state}; results exist once it has succeeded")
+            raise ApiError(409, "not_finished", f"job {job.id} {state}; results exist once it has succeeded")
+
+    @staticmethod
+    def require_images(job: JobRecord) -> None:
+        """404 `no_images` for a job that never makes images (likelihood: its result is numbers), so
+        that a download from it is not mistaken for an unknown or expired job."""
+        if job.kind == "likelihood":
+            raise ApiError(
+                404,
+                "no_images",
+                f"job {job.id} is a likelihood job: it makes no images to download; its result is in the "
+                f"job object (GET /jobs/{job.id}: result.bits_per_dim, result.terms)",
+            )
 
     async def result(self, job: JobRecord, name: str) -> bytes:
-        """One stored result blob; 409 while the job has not succeeded, 404 if it has no such blob."""
+        """One stored result blob; 404 `no_images` for a likelihood job, 409 while the job has not
+        succeeded, 404 if it has no such blob."""
+        self.require_images(job)
         self.require_succeeded(job)
         data = await self.store.get_result(job.id, name)
         if data is None:
             raise not_found(f"result {name} of job {job.id}")
         return data
+
+    async def image(self, job: JobRecord, index: int, name: str) -> bytes:
+        """Image `index` of a job, stored as `name`; as `result`, and 404 `no_such_image` naming the
+        images the job has when `index` is out of range."""
+        self.require_images(job)
+        self.require_succeeded(job)
+        count = int((job.result or {}).get("image_count", 0))
+        if not 0 <= index < count:
+            have = f"images 0..{count - 1}" if count else "no images"
+            raise ApiError(404, "no_such_image", f"job {job.id} has {have}, not image {index}")
+        return await self.result(job, name)
 
     async def images_npy(self, job: JobRecord) -> bytes:
         """All images of a job as one (n, C, H, W) float32 .npy, assembled from the per-image blobs."""

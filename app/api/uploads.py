@@ -17,12 +17,20 @@ from numpy.lib import format as npy_format
 from PIL import Image, UnidentifiedImageError
 
 from app.api.errors import ApiError, invalid
+from app.api.schemas import MAX_LATENT_ABS
 from app.images import from_uint8
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
-# Channels a Pillow mode holds once converted for the model; P (palette) and 1 (bilevel) expand.
-_MODE_CHANNELS = {"L": 1, "1": 1, "LA": 2, "RGB": 3, "P": 3, "RGBA": 4, "CMYK": 4, "YCbCr": 3}
-_MODE_FOR_CHANNELS = {1: "L", 3: "RGB"}
+# Lossy codecs do not keep a grey pixel's channels exactly equal: libwebp's YUV -> RGB conversion puts G
+# one level off R and B for a greyscale picture. A 1-channel model accepts this much spread from JPEG
+# and WebP (never from PNG) and takes the ITU-R 601 luma of such pixels.
+LOSSY_GREY_TOLERANCE = 2
+# 16-bit greyscale (PNG opens as I;16) and 32-bit integer modes, mapped to 8 bits with x >> 8.
+_GREY16_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# Modes Pillow converts to RGB(A) faithfully; anything else (CMYK, …) is refused by name.
+_CONVERTIBLE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "YCbCr")
+_ALPHA_MODES = ("LA", "PA", "RGBA")
+_WANT = {1: "grayscale (1 channel)", 3: "RGB (3 channels)"}
 
 
 def _bad(field: str, message: str) -> ApiError:
@@ -54,7 +62,22 @@ def decode_image(
     max_pixels: int,
     field: str = "image",
 ) -> np.ndarray:
-    """A base64 PNG/JPEG/WebP of the model's size -> (C, H, W) float32 in [-1, 1]."""
+    """A base64 PNG/JPEG/WebP of the model's size -> (C, H, W) float32 in [-1, 1].
+
+    What a model of `channels` takes (anything else is a 422 naming the field and saying why):
+
+    - 1 channel: a greyscale image (mode L or 1), or any colour-mode image (RGB, palette, WebP, which
+      Pillow always decodes as RGB, …) whose pixels all have r == g == b; from JPEG and WebP the
+      channels may differ by up to `LOSSY_GREY_TOLERANCE` levels (codec rounding), and such pixels
+      become their ITU-R 601 luma. An image with colour is refused ("has colour: …").
+    - 3 channels: an RGB image, or a greyscale one, whose grey level becomes r = g = b.
+    - 16-bit greyscale PNGs (mode I;16) are mapped to 8 bits with `x >> 8` (the high byte), as Pillow
+      itself maps 16-bit RGB PNGs; 8-bit values stored as 16 bits (x · 257) come back exactly.
+    - Transparency: an alpha channel (or PNG tRNS colour) where every pixel is fully opaque is dropped;
+      any pixel that is not fully opaque is refused, since the model has no alpha channel and the
+      server will not guess the background to flatten it onto.
+    - Only still images: an animated PNG or WebP (more than one frame) is refused.
+    """
     data = b64decode(text, field=field, max_bytes=max_bytes)
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
@@ -73,24 +96,91 @@ def decode_image(
             raise _bad(field, f"format {image.format} is not accepted; send PNG, JPEG or WebP")
         if (width, height) != (resolution, resolution):
             raise invalid(field, f"expected a {resolution}×{resolution} image, got {width}×{height}")
-        got = _MODE_CHANNELS.get(image.mode)
-        if got != channels or channels not in _MODE_FOR_CHANNELS:
-            want = {1: "grayscale (1 channel)", 3: "RGB (3 channels)"}.get(channels, f"{channels} channels")
-            raise invalid(field, f"expected a {want} image, got mode {image.mode}")
+        frames = getattr(image, "n_frames", 1)
+        if frames > 1:
+            raise invalid(field, f"is an animation of {frames} frames; send a single still image")
+        if channels not in _WANT:
+            raise invalid(field, f"model takes {channels} channels, which no uploaded image can give")
         try:
-            pixels = np.asarray(image.convert(_MODE_FOR_CHANNELS[channels]))
+            image.load()
         except (OSError, SyntaxError, ValueError) as e:
             raise _bad(field, f"unreadable image data ({e})") from None
+        lossy = image.format in ("JPEG", "WEBP")  # WebP may be either; a spread of 2 levels is grey anyway
+        pixels = _pixels(image, channels=channels, field=field, lossy=lossy)
     return from_uint8(pixels[None])[0].numpy()
 
 
+def _pixels(image: Image.Image, *, channels: int, field: str, lossy: bool) -> np.ndarray:
+    """A decoded image -> uint8 (H, W) for 1 channel or (H, W, 3) for 3, per `decode_image`'s rules."""
+    mode, transparent = image.mode, image.info.get("transparency")
+    if mode in _GREY16_MODES:
+        raw = np.asarray(image).astype(np.int64)
+        if raw.min() < 0 or raw.max() > 0xFFFF:
+            raise invalid(field, f"mode {mode} values must lie in 0..65535 (16-bit greyscale)")
+        if isinstance(transparent, int):
+            _require_opaque(field, raw != transparent)
+        grey = (raw >> 8).astype(np.uint8)
+    elif mode not in _CONVERTIBLE_MODES:
+        raise invalid(field, f"expected a {_WANT[channels]} image, got mode {mode}")
+    elif mode in ("1", "L") and transparent is None:
+        grey = np.asarray(image.convert("L"))
+    else:
+        has_alpha = mode in _ALPHA_MODES or transparent is not None
+        # A tRNS colour becomes alpha 0 in the RGBA conversion, so one check covers both kinds.
+        rgba = np.asarray(image.convert("RGBA" if has_alpha else "RGB"))
+        if has_alpha:
+            _require_opaque(field, rgba[..., 3] == 255)
+        rgb = np.ascontiguousarray(rgba[..., :3])
+        if channels == 3:
+            return rgb
+        grey = _grey(rgb, field=field, tolerance=LOSSY_GREY_TOLERANCE if lossy else 0)
+    return grey if channels == 1 else np.repeat(grey[..., None], 3, axis=-1)
+
+
+def _require_opaque(field: str, opaque: np.ndarray) -> None:
+    if not opaque.all():
+        count = int(opaque.size - np.count_nonzero(opaque))
+        raise invalid(
+            field,
+            f"has transparency: {count} of {opaque.size} pixels are not fully opaque (alpha < 255); the "
+            "model has no alpha channel and the server does not guess a background, so flatten the "
+            "image onto one (or drop the alpha channel) and send it again",
+        )
+
+
+def _grey(rgb: np.ndarray, *, field: str, tolerance: int) -> np.ndarray:
+    """(H, W, 3) uint8 whose channels agree within `tolerance` -> (H, W) grey; 422 'has colour' else."""
+    spread = rgb.max(axis=-1) - rgb.min(axis=-1)
+    coloured = spread > tolerance
+    if coloured.any():
+        y, x = (int(v) for v in np.argwhere(coloured)[0])
+        r, g, b = (int(v) for v in rgb[y, x])
+        allowed = f"by more than {tolerance} levels " if tolerance else ""
+        raise invalid(
+            field,
+            f"expected a {_WANT[1]} image, but it has colour: {int(coloured.sum())} of {coloured.size} "
+            f"pixels have r, g, b that differ {allowed}(the first at x={x}, y={y}: r={r}, g={g}, b={b}); "
+            "send it in greyscale",
+        )
+    if tolerance == 0:
+        return rgb[..., 0]
+    return np.asarray(Image.fromarray(rgb, "RGB").convert("L"))  # ITU-R 601 luma; r == g == b -> r
+
+
 def decode_latents(
-    text: str, *, shape: tuple[int, ...], max_bytes: int, field: str = "latents"
+    text: str,
+    *,
+    shape: tuple[int, ...],
+    max_bytes: int,
+    max_abs: float = MAX_LATENT_ABS,
+    field: str = "latents",
 ) -> np.ndarray:
-    """A base64 .npy of finite floats with exactly `shape` -> float32 array (never unpickles).
+    """A base64 .npy of finite floats within ±`max_abs`, with exactly `shape` -> float32 array (never
+    unpickles).
 
     The header is checked before the array is read: `np.load` allocates whatever shape a header
-    declares, so a 100-byte file could otherwise ask for terabytes.
+    declares, so a 100-byte file could otherwise ask for terabytes. The bound is checked on the values
+    as sent, before the cast to float32, so a float64 1e300 is refused for its size, not as infinite.
     """
     try:
         data = b64decode(text, field=field, max_bytes=max_bytes)
@@ -114,7 +204,12 @@ def decode_latents(
         array = np.load(stream, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise invalid(field, f"not a .npy array ({e})") from None
-    array = array.astype(np.float32)
     if not np.isfinite(array).all():
         raise invalid(field, "contains NaN or infinite values")
-    return array
+    if array.size and (peak := float(np.abs(array).max())) > max_abs:
+        raise invalid(
+            field,
+            f"values must lie within ±{max_abs:g}, got {peak:.6g}: x_T is a draw from N(0, I), which "
+            "hardly ever leaves ±6, so larger values are a mistake (and huge ones overflow the sampler)",
+        )
+    return array.astype(np.float32)

@@ -3,6 +3,8 @@ answers 503 within a second or two and every loop backs off and retries instead 
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 import redis
 import redis.asyncio
 from redis.asyncio.retry import Retry as AsyncRetry
@@ -35,3 +37,11 @@ def sync_client(url: str) -> redis.Redis:
         socket_timeout=SOCKET_TIMEOUT_SECONDS,
         retry=Retry(ExponentialBackoff(**_BACKOFF), _RETRIES),
     )
+
+
+def safe_url(url: str) -> str:
+    """`url` as messages may show it: credentials masked, query dropped (it can carry `password=`)."""
+    parts = urlsplit(url)
+    credentials, at, host = parts.netloc.rpartition("@")
+    netloc = f"***@{host}" if at and credentials else host
+    return f"{parts.scheme}://{netloc}{parts.path}"

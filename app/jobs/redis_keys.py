@@ -20,6 +20,11 @@ class Keys:
         """Hash: the record's fields (JSON values, `status` plain) and `_`-prefixed bookkeeping."""
         return f"{self.prefix}:job:{{{job_id}}}"
 
+    def job_affixes(self) -> tuple[str, str]:
+        """What comes before and after the id in `job(id)`, for a script that reads the jobs a queue names."""
+        before, _, after = self.job("\0").partition("\0")
+        return before, after
+
     def events(self, job_id: str) -> str:
         """Stream of the job's events; entry `0-n` is event n, so Last-Event-ID maps to a stream id."""
         return f"{self.prefix}:job:{{{job_id}}}:events"

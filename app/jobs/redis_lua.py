@@ -173,6 +173,35 @@ return {'ok', waiting(KEYS[5])}
 """
 )
 
+# The jobs waiting in one queue, in order, for the API's queue positions: the entries after the consumer
+# group's last delivery (none claimed yet) whose job is still queued, so a job that left the queue without
+# its entry (expired) stops counting like one that left with it (cancelled: XDEL). One step, so an entry
+# claimed meanwhile is never counted. It reads the job hashes the entries name (one Redis, not a Cluster).
+# KEYS[1]: a queue. ARGV: group, most entries, the job key before the id, after it  ->  job ids.
+WAITING = r"""
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+if not ok then return {} end
+local start = '-'
+for _, group in ipairs(groups) do
+  local info = {}
+  for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+  if info['name'] == ARGV[1] then start = '(' .. info['last-delivered-id'] end
+end
+local waiting = {}
+for _, entry in ipairs(redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', ARGV[2])) do
+  local fields = entry[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'job' then
+      local job = fields[i + 1]
+      if redis.call('HGET', ARGV[3] .. job .. ARGV[4], 'status') == 'queued' then
+        waiting[#waiting + 1] = job
+      end
+    end
+  end
+end
+return waiting
+"""
+
 # A worker re-claims its own pending entries: with IDLE 0 every heartbeat (so a live worker's long job
 # is never taken over), or with IDLE = the reclaim time on SIGTERM (so others take them over at once).
 # Only entries it still owns: one taken over while it stalled stays with its new owner.

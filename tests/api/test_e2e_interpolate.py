@@ -129,6 +129,9 @@ def test_several_t_make_one_row_each_from_a_previous_jobs_exact_floats(client):
         ({"num": 2, "a": {}}, 422, "a: expected"),
         ({"num": 2, "a": {"job": "f" * 32}}, 404, "job ffff"),
         ({"num": 2, "model": "nope"}, 404, "no model 'nope'"),
+        ({"num": 2, "a": {"image": A, "index": 1}}, 422, "a.index: is only meaningful with job"),
+        ({"num": 2, "b": {"seed": 3, "index": 0}}, 422, "b.index: is only meaningful with job"),
+        ({"num": 2, "a": {"image": A, "index": "x"}}, 422, "a.index: is only meaningful with job"),
     ],
 )
 def test_bad_interpolations_are_refused_with_the_reason(client, change, status, fragment):
@@ -145,7 +148,7 @@ def test_a_job_source_must_have_succeeded_on_the_same_model_and_have_that_image(
         ("/reconstruct", {"job": running["id"]}),
     ):
         response = client.post(route, json={"model": "tiny", "t": 3, **body})
-        assert response.status_code == 409 and response.json()["error"]["code"] == "not_ready"
+        assert response.status_code == 409 and response.json()["error"]["code"] == "not_finished"
     assert client.delete(f"/jobs/{running['id']}").json()["status"] == "cancelled"
     response = client.post("/reconstruct", json={"model": "tiny", "job": running["id"], "t": 3})
     assert response.status_code == 409 and "ended as cancelled" in response.json()["error"]["message"]
@@ -192,6 +195,8 @@ def test_reconstructions_share_one_x_t(client):
         ({"image": "%%%"}, 400, "image: not valid base64"),
         ({"image": png_b64(3, size=4)}, 422, "image: expected a 8×8 image, got 4×4"),
         ({"job": "f" * 32}, 404, "job ffff"),
+        ({"image": A, "index": 0}, 422, "index: is only meaningful with job"),
+        ({"image": A, "index": 2}, 422, "index: is only meaningful with job"),
     ],
 )
 def test_bad_reconstructions_are_refused_with_the_reason(client, body, status, fragment):
@@ -209,3 +214,25 @@ def test_previews_are_coarsened_to_the_per_job_cap(client):
     assert events[-1].event == "done"
     kept = client.post("/reconstruct", json={"image": A, "t": 20, "n": 1, "stream_every": 10}).json()
     assert kept["params"]["stream_every"] == 10
+
+
+def test_an_index_sent_without_a_job_is_refused_naming_that_field(client):
+    # `index` picks an image of a job: with an uploaded image or a seed it would be silently ignored.
+    cases = [
+        ("/reconstruct", {"image": A, "index": 1, "t": 3}, "index"),
+        ("/interpolate", {"a": {"image": A, "index": 0}, "b": {"image": B}, "num": 2}, "a.index"),
+        ("/interpolate", {"a": {"image": A}, "b": {"seed": 1, "index": 0}, "num": 2}, "b.index"),
+    ]
+    for route, body, field in cases:
+        response = client.post(route, json=body)
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["code"] == "validation_error" and error["details"] == [
+            {"field": field, "message": error["message"].removeprefix(f"{field}: ")}
+        ]
+        assert '{"job": id, "index": k}' in error["message"]
+    # The published schema says so too, and keeps index out of the image and seed sources.
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    assert schemas["ReconstructRequest"]["oneOf"][0]["not"] == {"required": ["index"]}
+    assert "index" not in schemas["ImageSource"]["properties"]
+    assert "index" not in schemas["SeedSource"]["properties"]

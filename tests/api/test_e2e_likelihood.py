@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import io
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.api.conftest import live_server, png_b64, server_settings, wait_done
 
@@ -60,8 +64,16 @@ def test_bits_per_dim_is_the_sum_of_its_terms_with_a_curve_over_every_t(client):
 def test_a_likelihood_job_has_no_images(client):
     job = client.post("/likelihood", params={"wait": "true"}, json={"images": [B], "seed": 1}).json()
     assert job["status"] == "succeeded" and "images" not in job["result"]
+    # The job exists: its downloads say what it is and where its result is, not "unknown or expired".
     for path in ("images/0.png", "images/0.npy", "images.npy", "grid.png"):
-        assert client.get(f"/jobs/{job['id']}/{path}").status_code == 404, path
+        response = client.get(f"/jobs/{job['id']}/{path}")
+        assert response.status_code == 404, path
+        error = response.json()["error"]
+        assert error["code"] == "no_images", path
+        assert f"job {job['id']} is a likelihood job" in error["message"]
+        assert "result.bits_per_dim" in error["message"] and "not found" not in error["message"]
+    unknown = client.get(f"/jobs/{'0' * 32}/grid.png")
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
     response = client.post("/reconstruct", json={"job": job["id"], "t": 3, "n": 1})
     assert response.status_code == 422 and "has no images" in response.json()["error"]["message"]
 
@@ -73,7 +85,12 @@ def test_a_likelihood_job_has_no_images(client):
         ([A] * 4, 422, "images: at most 3 images per request"),
         ([A, "bad!"], 400, "images.1: not valid base64"),
         ([png_b64(4, size=16)], 422, "images.0: expected a 8×8 image, got 16×16"),
-        ([png_b64(4, mode="RGBA")], 422, "images.0: expected a grayscale (1 channel) image, got mode RGBA"),
+        ([png_b64(4, mode="RGBA")], 422, "images.0: has transparency"),
+        (
+            [png_b64(4, mode="RGB")],
+            422,
+            "images.0: expected a grayscale (1 channel) image, but it has colour",
+        ),
         ("not a list", 422, "images: Input should be a valid list"),
     ],
 )
@@ -81,6 +98,28 @@ def test_bad_likelihood_requests_are_refused_with_the_reason(client, images, sta
     response = client.post("/likelihood", json={"images": images})
     assert response.status_code == status, response.text
     assert fragment in response.json()["error"]["message"]
+
+
+def encoded(image: Image.Image, fmt: str, **kwargs) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_greyscale_in_webp_rgb_and_16_bit_png_is_the_same_image(client):
+    # Pillow decodes every WebP as RGB and a 16-bit PNG as I;16: all are the 8-bit grey image A.
+    grey = Image.open(io.BytesIO(base64.b64decode(A)))
+    wide = Image.fromarray(np.asarray(grey).astype(np.uint16) * 257)
+    uploads = [
+        A,
+        encoded(grey, "WEBP", lossless=True),
+        encoded(grey.convert("RGB"), "PNG"),
+        encoded(wide, "PNG"),
+    ]
+    # Image k's bound depends on (seed, k): one job per upload, each image 0 with the same seed.
+    jobs = [client.post("/likelihood", json={"images": [text], "seed": 5}).json() for text in uploads]
+    bpd = [wait_done(client, job["id"])["result"]["bits_per_dim"][0] for job in jobs]
+    assert bpd == pytest.approx([bpd[0]] * 4, abs=1e-5)
 
 
 def test_a_server_step_limit_below_t_refuses_the_bound(model_dirs):

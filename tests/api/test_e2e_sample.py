@@ -81,6 +81,8 @@ def test_wait_true_answers_200_with_the_finished_job(client):
     response = client.post("/sample", params={"wait": "true"}, json={"n": 1, "steps": 4})
     assert response.status_code == 200
     assert response.json()["status"] == "succeeded" and response.json()["result"]["images"]
+    assert response.headers["location"] == f"/jobs/{response.json()['id']}"
+    assert "preference-applied" not in response.headers  # no Prefer header was sent
 
 
 def test_a_prefer_wait_that_is_not_ascii_digits_is_ignored(client):
@@ -95,6 +97,8 @@ def test_prefer_wait_holds_at_most_n_seconds(client):
     job = response.json()
     assert response.status_code == 200 and job["status"] in ("queued", "running")
     assert 0.9 < elapsed < 5
+    assert response.headers["preference-applied"] == "wait=1"  # RFC 7240
+    assert response.headers["location"] == f"/jobs/{job['id']}"  # where to look for the rest
     assert client.delete(f"/jobs/{job['id']}").json()["status"] == "cancelled"
 
 
@@ -155,8 +159,10 @@ def test_output_npy_links_the_npy_downloads(client):
 
 def test_an_image_index_out_of_range_is_404_and_a_non_number_422(client):
     job = client.post("/sample", params={"wait": "true"}, json={"n": 1, "steps": 2}).json()
-    assert client.get(f"/jobs/{job['id']}/images/1.png").status_code == 404
-    assert client.get(f"/jobs/{job['id']}/images/-1.npy").status_code == 404
+    for path in ("images/1.png", "images/-1.npy"):
+        error = error_of(client.get(f"/jobs/{job['id']}/{path}"), 404)
+        assert error["code"] == "no_such_image"  # the job exists: not "unknown or expired"
+        assert f"job {job['id']} has images 0..0, not image" in error["message"]
     response = client.get(f"/jobs/{job['id']}/images/first.png")
     assert response.status_code == 422 and "index" in response.json()["error"]["message"]
 
@@ -166,7 +172,7 @@ def test_downloads_before_the_job_is_done_are_409(client):
     for path in ("images/0.png", "images/0.npy", "grid.png", "images.npy"):
         response = client.get(f"/jobs/{job['id']}/{path}")
         assert response.status_code == 409, path
-        assert response.json()["error"]["code"] == "not_ready"
+        assert response.json()["error"]["code"] == "not_finished"
     client.delete(f"/jobs/{job['id']}")
 
 
@@ -216,6 +222,18 @@ def test_given_latents_are_the_starting_point(client):
         assert job["params"]["latents"] is True
         runs.append(decode_npy(client.get(f"/jobs/{job['id']}/images.npy").content))
     np.testing.assert_allclose(runs[0], runs[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("value", [1e30, -1001.0])
+def test_latents_far_outside_n_0_i_are_refused_before_a_job_starts(client, value):
+    buf = io.BytesIO()
+    np.save(buf, np.full((1, 1, 8, 8), value, np.float32))
+    body = {"n": 1, "steps": 2, "latents": base64.b64encode(buf.getvalue()).decode()}
+    error = error_of(client.post("/sample", json=body), 422)
+    assert error["details"][0]["field"] == "latents"
+    assert "values must lie within ±1000" in error["message"] and "N(0, I)" in error["message"]
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["SampleRequest"]
+    assert "within ±1000" in schema["properties"]["latents"]["description"]
 
 
 # Cancellation
@@ -378,9 +396,29 @@ def test_options_of_the_other_sampler_are_refused(client):
     assert "variance" in error_of(client.post("/sample", json=body), 422)["message"]
 
 
-def test_a_body_that_is_not_json_is_422(client):
-    response = client.post("/sample", content=b"{n: 4", headers={"content-type": "application/json"})
-    assert "JSON" in error_of(response, 422)["message"]
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{n: 4",  # a syntax error
+        b'{"model": "\xff"}',  # not UTF-8
+        b'{"n": ' + b"9" * 5000 + b"}",  # past Python's 4,300-digit limit on int()
+        b"[" * 20_000 + b"]" * 20_000,  # past the recursion limit
+    ],
+)
+def test_a_body_that_is_not_json_is_422(client, body):
+    response = client.post("/sample", content=body, headers={"content-type": "application/json"})
+    error = error_of(response, 422)
+    assert error["code"] == "validation_error" and "not valid JSON" in error["message"]
+    assert error["details"][0]["field"] == "body"
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type"),
+    [(b"n=4", "application/x-www-form-urlencoded"), (b"n 4", "text/plain"), (b"[4]", "application/json")],
+)
+def test_a_body_that_is_not_a_json_object_is_422_naming_the_content_type(client, content, content_type):
+    response = client.post("/sample", content=content, headers={"content-type": content_type})
+    assert "Content-Type: application/json" in error_of(response, 422)["message"]
 
 
 def test_unknown_ids_and_models_are_404(client):
@@ -447,6 +485,14 @@ def test_metrics_expose_requests_jobs_and_engine(client):
     assert metric(text, "ddpm_engine_forwards_total", model="tiny") >= 2
     assert metric(text, "ddpm_model_load_seconds", model="tiny") > 0
     assert "ddpm_queue_wait_seconds_bucket" in text and "ddpm_engine_batch_size_bucket" in text
+    assert metric(text, "ddpm_process_resident_memory_bytes") > 0
+
+
+def test_every_metric_name_starts_with_ddpm(client):
+    names = {
+        line.split()[2] for line in client.get("/metrics").text.splitlines() if line.startswith("# TYPE")
+    }
+    assert names and all(name.startswith("ddpm_") for name in names), sorted(names)
 
 
 def test_openapi_documents_every_route(client):

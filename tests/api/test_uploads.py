@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from app.api.errors import ApiError
+from app.api.schemas import MAX_LATENT_ABS
 from app.api.uploads import decode_image, decode_latents
 
 LIMITS = {"max_bytes": 1 << 20, "max_pixels": 4096 * 4096}
@@ -118,11 +119,137 @@ def test_wrong_size_is_a_422_naming_the_expected_size():
     assert error.details[0]["field"] == "image"
 
 
-def test_wrong_channels_is_a_422_naming_the_expected_channels():
+def test_a_colour_image_for_a_grayscale_model_is_a_422_saying_where_the_colour_is():
     rgb = encode(gradient("RGB"), "PNG")
-    expect(422, lambda: decode_image(rgb, resolution=8, channels=1, **LIMITS), "grayscale", "RGB")
-    gray = encode(gradient("L"), "PNG")
-    expect(422, lambda: decode_image(gray, resolution=8, channels=3, **LIMITS), "RGB (3 channels)", "mode L")
+    error = expect(
+        422,
+        lambda: decode_image(rgb, resolution=8, channels=1, **LIMITS),
+        "expected a grayscale (1 channel) image",
+        "has colour: 64 of 64 pixels",
+        "x=0, y=0: r=0, g=255, b=128",
+    )
+    assert error.details[0]["field"] == "image"
+
+
+def test_modes_no_model_takes_are_a_422_naming_the_mode():
+    cmyk = encode(Image.new("CMYK", (8, 8)), "JPEG")
+    expect(422, lambda: decode_image(cmyk, resolution=8, channels=3, **LIMITS), "RGB (3 channels)", "CMYK")
+    expect(422, lambda: decode_image(cmyk, resolution=8, channels=1, **LIMITS), "grayscale", "CMYK")
+
+
+# Greyscale in every container, for 1-channel models (and for 3-channel ones)
+
+
+def grey_pixels(size: int = 8) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (size, size), dtype=np.uint8)
+
+
+def as_rgb(grey: np.ndarray, alpha: int | None = None) -> Image.Image:
+    planes = [grey] * 3 + ([np.full_like(grey, alpha)] if alpha is not None else [])
+    return Image.fromarray(np.stack(planes, axis=-1), mode="RGBA" if alpha is not None else "RGB")
+
+
+def in_model_space(grey: np.ndarray) -> np.ndarray:
+    return (grey.astype(np.float32) / 127.5 - 1)[None]
+
+
+@pytest.mark.parametrize(
+    ("image", "fmt", "kwargs"),
+    [
+        (Image.fromarray(grey_pixels(), mode="L"), "WEBP", {"lossless": True}),  # Pillow decodes it as RGB
+        (as_rgb(grey_pixels()), "PNG", {}),
+        (as_rgb(grey_pixels(), alpha=255), "PNG", {}),  # fully opaque alpha carries nothing: dropped
+        (as_rgb(grey_pixels(), alpha=255), "WEBP", {"lossless": True}),
+        (Image.fromarray(grey_pixels(), mode="L").convert("P"), "PNG", {}),  # a grey palette
+        (Image.fromarray(grey_pixels(), mode="L").convert("LA"), "PNG", {}),
+    ],
+    ids=["webp-L", "png-rgb", "png-rgba-opaque", "webp-rgba-opaque", "png-palette", "png-LA-opaque"],
+)
+def test_an_image_whose_channels_are_all_equal_is_exactly_its_grey_for_a_1_channel_model(image, fmt, kwargs):
+    x = decode_image(encode(image, fmt, **kwargs), resolution=8, channels=1, **LIMITS)
+    assert x.shape == (1, 8, 8) and x.dtype == np.float32
+    np.testing.assert_array_equal(x, in_model_space(grey_pixels()))
+
+
+def test_a_lossy_webp_of_a_grey_image_is_accepted_despite_the_codecs_rounding():
+    grey = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1))  # smooth, so lossy coding keeps it close
+    text = encode(Image.fromarray(grey, mode="L"), "WEBP", quality=95)
+    rgb = np.asarray(Image.open(io.BytesIO(base64.b64decode(text))))
+    assert (rgb.max(axis=-1) - rgb.min(axis=-1)).max() >= 1  # the channels are not all equal
+    x = decode_image(text, resolution=64, channels=1, **LIMITS)
+    assert x.shape == (1, 64, 64)
+    assert np.abs(x - in_model_space(grey)).max() < 8 / 127.5  # within a few levels of the original
+
+
+def test_colour_beyond_codec_rounding_in_a_lossy_webp_is_refused():
+    text = encode(gradient("RGB"), "WEBP", quality=95)
+    expect(422, lambda: decode_image(text, resolution=8, channels=1, **LIMITS), "has colour", "more than 2")
+
+
+def test_a_png_whose_channels_differ_by_one_level_is_colour():  # lossless formats get no tolerance
+    rgb = np.stack([grey_pixels()] * 3, axis=-1)
+    rgb[3, 5, 1] ^= 1
+    text = encode(Image.fromarray(rgb, mode="RGB"), "PNG")
+    expect(
+        422, lambda: decode_image(text, resolution=8, channels=1, **LIMITS), "has colour: 1 of 64", "x=5, y=3"
+    )
+
+
+def test_16_bit_grayscale_maps_to_8_bits_by_its_high_byte():
+    wide = np.random.default_rng(1).integers(0, 65536, (8, 8)).astype(np.uint16)
+    wide[0, :4] = [0, 255, 65280, 65535]
+    text = encode(Image.fromarray(wide), "PNG")
+    assert Image.open(io.BytesIO(base64.b64decode(text))).mode == "I;16"
+    x = decode_image(text, resolution=8, channels=1, **LIMITS)
+    np.testing.assert_array_equal(x, in_model_space((wide >> 8).astype(np.uint8)))
+    assert list(x[0, 0, :4]) == [-1.0, -1.0, 1.0, 1.0]
+    # 8-bit values stored as 16 bits (x · 257) come back exactly
+    exact = encode(Image.fromarray(grey_pixels().astype(np.uint16) * 257), "PNG")
+    np.testing.assert_array_equal(
+        decode_image(exact, resolution=8, channels=1, **LIMITS), in_model_space(grey_pixels())
+    )
+
+
+@pytest.mark.parametrize(
+    ("image", "kwargs", "count"),
+    [
+        (as_rgb(grey_pixels(), alpha=254), {}, 64),
+        (Image.new("LA", (8, 8), (10, 0)), {}, 64),
+        (Image.fromarray(np.eye(8, dtype=np.uint8) * 200, mode="L"), {"transparency": 200}, 8),  # tRNS
+        (Image.fromarray(np.eye(8, dtype=np.uint16) * 300), {"transparency": 300}, 8),  # 16-bit tRNS
+    ],
+    ids=["rgba", "la", "L-trns", "I16-trns"],
+)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_transparency_is_refused_rather_than_flattened_onto_a_guessed_background(
+    image, kwargs, count, channels
+):
+    text = encode(image, "PNG", **kwargs)
+    error = expect(
+        422,
+        lambda: decode_image(text, resolution=8, channels=channels, **LIMITS),
+        f"has transparency: {count} of 64 pixels are not fully opaque",
+        "flatten",
+    )
+    assert error.details[0]["field"] == "image"
+
+
+def test_a_3_channel_model_takes_greyscale_as_equal_channels_and_opaque_rgba_as_rgb():
+    grey = grey_pixels()
+    for text in (
+        encode(Image.fromarray(grey, mode="L"), "PNG"),
+        encode(Image.fromarray(grey.astype(np.uint16) * 257), "PNG"),
+        encode(as_rgb(grey, alpha=255), "PNG"),
+    ):
+        x = decode_image(text, resolution=8, channels=3, **LIMITS)
+        np.testing.assert_array_equal(x, np.repeat(in_model_space(grey), 3, axis=0))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_an_animation_is_refused_rather_than_cut_to_its_first_frame(fmt):
+    frames = [Image.new("L", (8, 8), value) for value in (0, 100, 200)]
+    text = encode(frames[0], fmt, save_all=True, append_images=frames[1:], lossless=True)
+    expect(422, lambda: decode_image(text, resolution=8, channels=1, **LIMITS), "animation of 3 frames")
 
 
 def npy(array) -> str:
@@ -143,11 +270,21 @@ def test_latents_round_trip_as_float32():
         (np.zeros((1, 1, 8, 8), np.float32), ["(2, 1, 8, 8)", "(1, 1, 8, 8)"]),
         (np.zeros((2, 1, 8, 8), np.int64), ["float", "int64"]),
         (np.full((2, 1, 8, 8), np.nan, np.float32), ["NaN"]),
+        (np.full((2, 1, 8, 8), 1e30, np.float32), ["within ±1000", "got 1e+30", "N(0, I)"]),
+        (np.full((2, 1, 8, 8), -1e300, np.float64), ["within ±1000", "got 1e+300"]),  # not called infinite
+        (np.full((2, 1, 8, 8), 1000.5, np.float32), ["within ±1000", "got 1000.5"]),
     ],
 )
 def test_bad_latents_are_a_422_saying_why(array, words):
     error = expect(422, lambda: decode_latents(npy(array), shape=(2, 1, 8, 8), max_bytes=1 << 20), *words)
     assert error.details[0]["field"] == "latents"
+
+
+def test_latents_up_to_the_bound_are_accepted():
+    x = np.full((1, 1, 2, 2), -MAX_LATENT_ABS, np.float32)
+    assert np.array_equal(decode_latents(npy(x), shape=(1, 1, 2, 2), max_bytes=1 << 20), x)
+    error = expect(422, lambda: decode_latents(npy(x), shape=(1, 1, 2, 2), max_bytes=1 << 20, max_abs=10))
+    assert "within ±10" in error.message
 
 
 def test_latents_never_unpickle():

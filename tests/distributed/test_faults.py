@@ -244,10 +244,13 @@ def test_while_redis_is_unreachable_or_full_requests_get_clear_503s_and_the_serv
         assert client.get("/jobs/0123456789abcdef").status_code == 503
         ready = client.get("/readyz")
         assert ready.status_code == 503 and "Redis is unreachable" in ready.json()["error"]["message"]
+        models = client.get("/models")  # not the models published before: Redis is what is wrong
+        assert models.status_code == 503 and models.json()["error"]["code"] == "redis_unavailable"
         assert client.get("/healthz").status_code == 200
 
         cluster.redis_server.start()
         wait_until(lambda: client.get("/readyz").status_code == 200, 20, "readyz after Redis came back")
+        assert [m["name"] for m in client.get("/models").json()] == ["tiny"]
         job = client.post("/sample", params={"wait": "true"}, json={"steps": 5}).json()
         assert job["status"] == "succeeded"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
@@ -52,9 +53,11 @@ async def reply(
 ) -> schemas.Job:
     """202 with the queued job at once, or 200 with the job once it ended (or `wait` seconds passed).
     A waiting request stops waiting when its client goes away (`request`); the job goes on."""
+    response.headers["Location"] = f"/jobs/{job.id}"  # also on a 200: the wait may end before the job
     if wait is None:
-        response.headers["Location"] = f"/jobs/{job.id}"
         return service.render(job)
+    if math.isfinite(wait):  # RFC 7240: say that `Prefer: wait=N` was honoured
+        response.headers["Preference-Applied"] = f"wait={wait:g}"
     with metrics.WAITING_REQUESTS.track_inprogress():
         gone = await _unless_disconnected(service.wait(job.id, wait), request)
     if gone:

@@ -71,6 +71,10 @@ async def interpolate(
             "give fewer steps",
         )
     sources = dict(zip(SIDES, (body.a, body.b), strict=True))
+    for side, source in sources.items():
+        if not isinstance(source, schemas.JobImageSource) and "index" in source.model_fields_set:
+            kind = "image" if isinstance(source, schemas.ImageSource) else "seed"
+            raise invalid(f"{side}.index", f"{schemas.STRAY_INDEX}; leave it out of a {kind} source")
     seeded = [side for side, source in sources.items() if isinstance(source, schemas.SeedSource)]
     if seeded and timesteps > max_steps:
         raise invalid(

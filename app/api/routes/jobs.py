@@ -6,7 +6,6 @@ from fastapi import APIRouter, Response
 
 from app.api import schemas
 from app.api.deps import OwnerDep, ServiceDep
-from app.api.errors import not_found
 from app.api.routes.common import errors
 from app.jobs.encoding import GRID, npy_name, png_name
 
@@ -16,6 +15,8 @@ _PNG = {200: {"content": {"image/png": {}}, "description": "an 8-bit PNG"}}
 _NPY = {
     200: {"content": {"application/octet-stream": {}}, "description": "a float32 .npy, values in [-1, 1]"}
 }
+# 404: unknown job (code not_found), a likelihood job, which makes no images (no_images), or an image
+# index the job does not have (no_such_image); 409: the job has not succeeded (yet).
 _DOWNLOAD_ERRORS = errors(401, 404, 409, 422)
 
 
@@ -46,32 +47,33 @@ async def cancel_job(job_id: str, service: ServiceDep, owner: OwnerDep) -> schem
 
 @router.get("/{job_id}/images/{index}.png", response_class=Response, responses={**_PNG, **_DOWNLOAD_ERRORS})
 async def image_png(job_id: str, index: int, service: ServiceDep, owner: OwnerDep) -> Response:
-    """Image `index` (0-based) as PNG; 409 until the job has succeeded."""
+    """Image `index` (0-based) as PNG; 409 until the job has succeeded, 404 for a likelihood job
+    (no images)."""
     job = await service.get(job_id, owner)
-    if index < 0:
-        raise not_found(f"image {index} of job {job_id}")
-    return _download(await service.result(job, png_name(index)), "image/png", f"{job_id}-{index}.png")
+    data = await service.image(job, index, png_name(index))
+    return _download(data, "image/png", f"{job_id}-{index}.png")
 
 
 @router.get("/{job_id}/images/{index}.npy", response_class=Response, responses={**_NPY, **_DOWNLOAD_ERRORS})
 async def image_npy(job_id: str, index: int, service: ServiceDep, owner: OwnerDep) -> Response:
-    """Image `index` (0-based) as float32 .npy of shape (1, C, H, W); 409 until the job has succeeded."""
+    """Image `index` (0-based) as float32 .npy of shape (1, C, H, W); 409 until the job has succeeded,
+    404 for a likelihood job (no images)."""
     job = await service.get(job_id, owner)
-    if index < 0:
-        raise not_found(f"image {index} of job {job_id}")
-    data = await service.result(job, npy_name(index))
+    data = await service.image(job, index, npy_name(index))
     return _download(data, "application/octet-stream", f"{job_id}-{index}.npy")
 
 
 @router.get("/{job_id}/images.npy", response_class=Response, responses={**_NPY, **_DOWNLOAD_ERRORS})
 async def images_npy(job_id: str, service: ServiceDep, owner: OwnerDep) -> Response:
-    """Every image as one float32 .npy of shape (n, C, H, W); 409 until the job has succeeded."""
+    """Every image as one float32 .npy of shape (n, C, H, W); 409 until the job has succeeded, 404 for a
+    likelihood job (no images)."""
     job = await service.get(job_id, owner)
     return _download(await service.images_npy(job), "application/octet-stream", f"{job_id}.npy")
 
 
 @router.get("/{job_id}/grid.png", response_class=Response, responses={**_PNG, **_DOWNLOAD_ERRORS})
 async def grid_png(job_id: str, service: ServiceDep, owner: OwnerDep) -> Response:
-    """All images tiled into one PNG; 409 until the job has succeeded."""
+    """All images tiled into one PNG; 409 until the job has succeeded, 404 for a likelihood job
+    (no images)."""
     job = await service.get(job_id, owner)
     return _download(await service.result(job, GRID), "image/png", f"{job_id}-grid.png")

@@ -27,6 +27,8 @@ async def reconstruct(
     max_steps = call.service.max_steps(entry)
     if t > max_steps:
         raise invalid("t", f"each reconstruction takes t steps; at most {max_steps} allowed (DDPM_MAX_STEPS)")
+    if body.image is not None and "index" in body.model_fields_set:
+        raise invalid("index", f"{schemas.STRAY_INDEX}; leave it out when sending an image")
     if body.image is not None:
         image = (await call.service.decode_uploads({"image": body.image}, entry))[0]
         source: dict[str, object] = {"image": True}
