@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 from PIL import Image
 
+from app.api.deps import authenticate
 from app.api.dispatch import Dispatcher, LocalDispatcher
 from app.api.errors import install_error_handlers
 from app.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
@@ -71,7 +72,7 @@ def create_app(
     app.state.service = None
     app.state.streams = StreamLimiter(settings.max_streams_per_key)
     app.state.draining = Draining()  # set when shutdown starts: open streams end with a `shutdown` event
-    install_error_handlers(app)
+    install_error_handlers(app, authenticate=authenticate)
     if settings.redis_url:
         from app.api.redis_dispatch import install_error_handler
 

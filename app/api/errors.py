@@ -8,7 +8,8 @@ with a generic message (and a logged traceback); input a client sent never reach
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -109,22 +110,43 @@ async def _api_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc)
 
 
-async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+def _unreadable_body(request: Request, authenticate: Callable[[Request], None]) -> JSONResponse | None:
+    """The 401 a caller without a valid key gets before any word on a body FastAPI could not parse
+    (parsing precedes the route's dependencies, where the key is checked); None when the key is good."""
+    try:
+        authenticate(request)
+    except ApiError as e:
+        return error_response(e)
+    return None
+
+
+async def _validation_error(
+    request: Request, exc: Exception, authenticate: Callable[[Request], None]
+) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors) and (
+        refused := _unreadable_body(request, authenticate)
+    ):
+        return refused
     details = [
         {
             "field": "body" if e.get("type") == "json_invalid" else _field(e.get("loc", ())),
             "message": _validation_message(e),
         }
-        for e in exc.errors()
+        for e in errors
     ]
     message = "; ".join(f"{d['field']}: {d['message']}" for d in details) or "invalid request"
     return error_response(ApiError(422, "validation_error", message, details=details))
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+async def _http_error(
+    request: Request, exc: Exception, authenticate: Callable[[Request], None]
+) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 400 and exc.detail == _UNPARSABLE_BODY:  # API.md keeps 400 for image data
+        if refused := _unreadable_body(request, authenticate):
+            return refused
         message = f"{_NOT_JSON} (not UTF-8, a number too long, or nested too deep)"
         return error_response(invalid("body", message))
     code = _CODES.get(exc.status_code, "error")
@@ -139,8 +161,9 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(ApiError(500, "internal", "internal server error; the server log has the details"))
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, *, authenticate: Callable[[Request], None]) -> None:
+    """`authenticate(request)` raises the 401 for a missing or wrong API key (app/api/deps.py)."""
     app.add_exception_handler(ApiError, _api_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, partial(_validation_error, authenticate=authenticate))
+    app.add_exception_handler(StarletteHTTPException, partial(_http_error, authenticate=authenticate))
     app.add_exception_handler(Exception, _unexpected)

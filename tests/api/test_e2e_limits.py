@@ -58,6 +58,23 @@ def test_without_a_key_or_with_a_wrong_one_job_routes_are_401(secured):
             assert response.headers["www-authenticate"] == "Bearer"
     with secured.client(Authorization="Bearer " + "x" * 20) as wrong:
         assert wrong.get("/models").json()["error"]["message"] == "wrong API key"
+
+
+@pytest.mark.parametrize("body", [b"{bad", b'{"n": "\xff"}'])  # a syntax error; bytes that are not UTF-8
+def test_a_body_that_cannot_be_parsed_is_401_before_422_without_a_key(secured, body):
+    """FastAPI parses a body before the route's dependencies check the key: the key still comes first."""
+    json_headers = {"content-type": "application/json"}
+    for headers, status in (
+        (json_headers, 401),
+        ({**json_headers, "X-API-Key": "x" * 20}, 401),
+        ({**json_headers, "X-API-Key": KEY_A}, 422),
+        ({**json_headers, "Authorization": f"bearer {KEY_B}"}, 422),
+    ):
+        with secured.client() as client:
+            response = client.post("/sample", content=body, headers=headers)
+        assert response.status_code == status, (headers, response.text)
+        code = response.json()["error"]["code"]
+        assert code == ("unauthorized" if status == 401 else "validation_error")
     with secured.client() as probe:  # probes and scrapers need no key
         assert probe.get("/healthz").status_code == 200 and probe.get("/readyz").status_code == 200
         assert probe.get("/metrics").status_code == 200
