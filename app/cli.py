@@ -13,6 +13,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from app.argtypes import (
+    check_output_file,
+    check_output_folder,
+    decay,
+    device,
+    eta,
+    non_negative_int,
+    positive_int,
+)
+
 if TYPE_CHECKING:
     from app.client import Client, Job, Model
 
@@ -32,8 +42,13 @@ def _sample(args: argparse.Namespace) -> None:
     from app.nets import resolve_model
     from app.sampling import generate
 
+    check_output_file(args.out, "--out")
+    check_output_file(args.npy, "--npy")
+    _ddim_only_eta(args)
     ckpt = resolve_model(args.model, device=args.device)
     steps = args.steps or ckpt.scheduler.num_train_timesteps
+    if steps > ckpt.scheduler.num_train_timesteps:
+        raise ValueError(f"--steps {steps}: the model has T = {ckpt.scheduler.num_train_timesteps}")
     with tqdm(total=steps, desc=f"{args.sampler} ×{args.n}", unit="step", dynamic_ncols=True) as bar:
         result = generate(
             ckpt,
@@ -52,9 +67,15 @@ def _sample(args: argparse.Namespace) -> None:
     print(f"{args.out}: {args.n} images, seed {result.seed}, {steps} steps")
 
 
+def _ddim_only_eta(args: argparse.Namespace) -> None:
+    if args.sampler != "ddim" and args.eta != 0:
+        raise ValueError(f"--eta {args.eta:g} applies to --sampler ddim only")
+
+
 def _train(args: argparse.Namespace) -> None:
     from app.training.train import TrainConfig, Trainer
 
+    check_output_folder(args.out, "--out")
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
     if args.max_minutes is not None and not args.max_minutes > 0:
         raise ValueError(f"--max-minutes must be positive, got {args.max_minutes}")
@@ -104,6 +125,9 @@ def _model(ddpm: Client, name: str | None) -> Model | None:
 
 
 def _remote_sample(args: argparse.Namespace) -> None:
+    check_output_file(args.out, "--out")
+    check_output_file(args.npy, "--npy")
+    _ddim_only_eta(args)
     with _client(args.url) as ddpm:
         model = _model(ddpm, args.model)
         steps = args.steps or (model.timesteps if model else 1000)
@@ -135,6 +159,7 @@ def _client(url: str) -> Client:
 
 
 def _remote_interpolate(args: argparse.Namespace) -> None:
+    check_output_file(args.out, "--out")
     a = _interpolation_end(args.a, args.a_seed, "--a")
     b = _interpolation_end(args.b, args.b_seed, "--b")
     t = list(args.t) if args.t and len(args.t) > 1 else args.t[0] if args.t else None
@@ -163,12 +188,12 @@ def _add_remote(sub) -> None:
     s = remote.add_parser("sample", help="sample on the server, with a progress bar, to a PNG grid")
     s.add_argument("--url", **url)
     s.add_argument("--model", default=None, help="model name (default: the server's default)")
-    s.add_argument("--n", type=int, default=16)
-    s.add_argument("--steps", type=int, default=None, help="reverse steps (default: T)")
+    s.add_argument("--n", type=positive_int, default=16, help="number of images (default 16)")
+    s.add_argument("--steps", type=positive_int, default=None, help="reverse steps, 1..T (default: T)")
     s.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM η")
-    s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--out", default="samples.png")
+    s.add_argument("--eta", type=eta, default=0.0, help="DDIM η in [0, 1] (ddim only; default 0)")
+    s.add_argument("--seed", type=int, default=None, help="default: random, reported at the end")
+    s.add_argument("--out", default="samples.png", help="PNG grid (default samples.png)")
     s.add_argument("--npy", default=None, help="also save float32 (n, C, H, W) values in [-1, 1]")
     s.set_defaults(func=_remote_sample)
 
@@ -180,16 +205,22 @@ def _add_remote(sub) -> None:
         end.add_argument(f"--{side}", help=f"end {side}: an image file of the model's size and channels")
         end.add_argument(f"--{side}-seed", type=int, help=f"end {side}: a fresh sample drawn with this seed")
     i.add_argument("--t", type=_tuple, default=None, help="t, or several (100,500,900): one row each")
-    i.add_argument("--num", type=int, default=8, help="number of λ, evenly spread over [0, 1]")
-    i.add_argument("--steps", type=int, default=None, help="reverse steps from t (default: all)")
-    i.add_argument("--seed", type=int, default=None)
-    i.add_argument("--out", default="interpolation.png")
+    i.add_argument("--num", type=positive_int, default=8, help="number of λ, evenly spread over [0, 1]")
+    i.add_argument("--steps", type=positive_int, default=None, help="reverse steps from t (default: all)")
+    i.add_argument("--seed", type=int, default=None, help="default: random")
+    i.add_argument("--out", default="interpolation.png", help="PNG grid, rows t, columns λ")
     i.set_defaults(func=_remote_interpolate)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ddpm", description="Denoising Diffusion Probabilistic Models.")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        default="INFO",
+        help="default INFO",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("sample", help="sample images to a PNG grid (Algorithm 2 or DDIM)")
@@ -198,10 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=str(BUNDLED_MODEL),
         help="folder, PRESET:WEIGHTS or hf:REPO (default: the bundled MNIST model)",
     )
-    s.add_argument("--n", type=int, default=16)
-    s.add_argument("--steps", type=int, default=None, help="reverse steps (default: T)")
+    s.add_argument("--n", type=positive_int, default=16, help="number of images (default 16)")
+    s.add_argument("--steps", type=positive_int, default=None, help="reverse steps, 1..T (default: T)")
     s.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM η")
+    s.add_argument("--eta", type=eta, default=0.0, help="DDIM η in [0, 1] (ddim only; default 0)")
     s.add_argument(
         "--variance",
         choices=("beta", "posterior"),
@@ -209,9 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="DDPM σ²: β_t or β̃_t (default: the checkpoint's)",
     )
     s.add_argument("--no-clip", action="store_true", help="do not clip x̂₀ to [-1, 1]")
-    s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--device", default=best_device())
-    s.add_argument("--out", default="samples.png")
+    s.add_argument("--seed", type=int, default=None, help="default: random, reported at the end")
+    s.add_argument("--device", type=device, default=best_device(), help="cpu, cuda or cuda:N")
+    s.add_argument("--out", default="samples.png", help="PNG grid (default samples.png)")
     s.add_argument("--npy", default=None, help="also save float32 (n, C, H, W) values in [-1, 1]")
     s.set_defaults(func=_sample)
 
@@ -219,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="IDX folder/file (MNIST), image folder or .npz")
     t.add_argument("--out", required=True, help="run folder: state.pt, model/, previews/")
     t.add_argument("--resolution", type=int, help="pad images to this size")
-    t.add_argument("--ch", type=int)
+    t.add_argument("--ch", type=positive_int, help="base channels (default 32)")
     t.add_argument("--ch-mult", dest="ch_mult", type=_tuple)
     t.add_argument("--num-res-blocks", dest="num_res_blocks", type=int)
     t.add_argument("--attn-resolutions", dest="attn_resolutions", type=_tuple)
@@ -227,18 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--norm-groups", dest="norm_num_groups", type=int, help="GroupNorm groups (default 32)")
     t.add_argument("--beta-schedule", dest="beta_schedule", choices=("linear", "cosine"))
     t.add_argument("--variance-type", dest="variance_type", choices=("fixed_large", "fixed_small"))
-    t.add_argument("--steps", type=int)
-    t.add_argument("--batch-size", dest="batch_size", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--warmup", type=int)
-    t.add_argument("--grad-clip", dest="grad_clip", type=float)
-    t.add_argument("--ema-decay", dest="ema_decay", type=float)
+    t.add_argument("--steps", type=positive_int, help="training steps in all (default 10,000)")
+    t.add_argument("--batch-size", dest="batch_size", type=positive_int, help="default 128")
+    t.add_argument("--lr", type=float, help="Adam learning rate (default 2e-4)")
+    t.add_argument("--warmup", type=non_negative_int, help="linear warm-up steps of the lr (default 500)")
+    t.add_argument("--grad-clip", dest="grad_clip", type=float, help="gradient norm clip (default 1.0)")
+    t.add_argument("--ema-decay", dest="ema_decay", type=decay, help="in [0, 1) (default 0.999)")
     t.add_argument("--hflip", action="store_true", default=None)
     t.add_argument("--seed", type=int)
-    t.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
-    t.add_argument("--preview-every", dest="preview_every", type=int)
+    t.add_argument("--checkpoint-every", dest="checkpoint_every", type=positive_int, help="steps")
+    t.add_argument("--preview-every", dest="preview_every", type=non_negative_int, help="steps; 0: none")
     t.add_argument("--init-from", dest="init_from", help="start a new run from this checkpoint's weights")
-    t.add_argument("--device", default=best_device())
+    t.add_argument("--device", type=device, default=best_device(), help="cpu, cuda or cuda:N")
     t.add_argument(
         "--dtype",
         choices=("float32", "bfloat16"),
@@ -268,18 +299,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from app.client import DDPMError
     from app.nets import CheckpointError
     from app.training.data import DataError
 
+    command = " ".join(filter(None, (args.command, getattr(args, "remote_command", None))))
     try:
         args.func(args)
-    except (CheckpointError, DataError, DDPMError, ValueError) as e:
-        command = " ".join(filter(None, (args.command, getattr(args, "remote_command", None))))
+    except (CheckpointError, DataError, DDPMError, ValueError, OSError) as e:
         sys.exit(f"ddpm {command}: {e}")
+    except KeyboardInterrupt:
+        print(f"ddpm {command}: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def serve_main(argv: list[str] | None = None) -> None:

@@ -129,3 +129,96 @@ def test_train_stops_at_its_time_limit_and_refuses_a_bad_one(tmp_path):
     main([*words, "--max-minutes", "0.0001"])
     record = (tmp_path / "run" / "model" / "training.json").read_text()
     assert '"step": 1,' in record
+
+
+@pytest.mark.parametrize(
+    ("words", "says"),
+    [
+        (["sample", "--n", "0"], "argument --n: must be at least 1, got 0"),
+        (["sample", "--steps", "0"], "argument --steps: must be at least 1"),
+        (["sample", "--sampler", "ddim", "--eta", "nan"], "argument --eta: must lie in [0, 1], got nan"),
+        (["sample", "--eta", "-1"], "argument --eta: must lie in [0, 1]"),
+        (["sample", "--device", "foo"], "'foo' is not a torch device"),
+        (["sample", "--device", "cuda:64"], "CUDA device(s)"),
+        (["--log-level", "loud", "sample"], "argument --log-level: invalid choice"),
+        (
+            ["train", "--data", "d", "--out", "o", "--ema-decay", "2"],
+            "argument --ema-decay: must lie in [0, 1)",
+        ),
+        (
+            ["train", "--data", "d", "--out", "o", "--checkpoint-every", "0"],
+            "--checkpoint-every: must be at least 1",
+        ),
+        (["train", "--data", "d", "--out", "o", "--warmup", "-5"], "--warmup: must be 0 or more"),
+        (["train", "--data", "d", "--out", "o", "--batch-size", "0"], "--batch-size: must be at least 1"),
+        (["eval", "--batch-size", "0"], "--batch-size: must be at least 1"),
+        (["train-classifier", "--data", "d", "--out", "o", "--epochs", "0"], "--epochs: must be at least 1"),
+        (["remote", "sample", "--n", "0"], "--n: must be at least 1"),
+    ],
+)
+def test_bad_option_values_are_usage_errors_naming_the_option(words, says, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(words)
+    assert exit_.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tiny, tmp_path):
+    common = ["--model", str(tiny), "--n", "1", "--steps", "2", "--device", "cpu"]
+    for words, says in (
+        (["--out", str(tmp_path / "nowhere" / "g.png")], "does not exist"),
+        (["--out", str(tmp_path)], "is a folder; give a file name"),
+        (["--out", str(tmp_path / "g.png"), "--npy", str(tmp_path / "nowhere" / "x.npy")], "--npy"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(["sample", *common, *words])
+        assert says in str(exit_.value.code)
+    assert not (tmp_path / "g.png").exists()  # nothing half-written: the PNG waits for the --npy check
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit, match="is a file; give a folder"):
+        main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "a-file"), "--steps", "1"])
+    with pytest.raises(SystemExit, match="--json"):
+        main(["eval", "--real", "--n", "4", "--json", str(tmp_path / "nowhere" / "x.json")])
+
+
+def test_the_eta_of_ddim_is_refused_with_the_ancestral_sampler(tiny, tmp_path):
+    with pytest.raises(SystemExit, match=r"--eta 0\.5 applies to --sampler ddim only"):
+        main(
+            [
+                "sample",
+                "--model",
+                str(tiny),
+                "--eta",
+                "0.5",
+                "--out",
+                str(tmp_path / "g.png"),
+                "--device",
+                "cpu",
+            ]
+        )
+
+
+def test_a_failed_training_run_leaves_no_empty_run_folder(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="ddpm train:"):
+        main(["train", "--data", str(tmp_path / "no-such-data"), "--out", str(out), "--steps", "1"])
+    assert not out.exists()
+
+
+def test_ctrl_c_ends_sampling_with_one_line_and_status_130(tmp_path):
+    import signal
+
+    model = save_tiny(tmp_path / "long", timesteps=20_000)  # a chain long enough to interrupt
+    command = [sys.executable, "-m", "app.cli", "sample", "--model", str(model), "--n", "1"]
+    process = subprocess.Popen(
+        [*command, "--out", str(tmp_path / "g.png"), "--device", "cpu"], stderr=subprocess.PIPE
+    )
+    seen = b""
+    while b"step/s" not in seen[-200:]:  # the progress bar is up: sampling has begun
+        chunk = process.stderr.read(1)
+        assert chunk, seen.decode(errors="replace")
+        seen += chunk
+    process.send_signal(signal.SIGINT)
+    err = (seen + process.stderr.read()).decode(errors="replace")
+    assert process.wait(timeout=60) == 130, err
+    assert "ddpm sample: interrupted" in err and "Traceback" not in err
+    assert not (tmp_path / "g.png").exists()

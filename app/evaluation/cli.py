@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from app.argtypes import check_output_file, check_output_folder, device, eta, positive_int
 from app.training.data import SHARED_MNIST
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,29 +38,29 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--data", required=True, help="labelled MNIST IDX folder: first 8,000 train, last 2,000 held out"
     )
     t.add_argument("--out", required=True, help="output folder, e.g. models/mnist-classifier")
-    t.add_argument("--epochs", type=int, default=8)
+    t.add_argument("--epochs", type=positive_int, default=8)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default=_device())
+    t.add_argument("--device", type=device, default=_device())
     t.set_defaults(func=_train_classifier)
 
     e = sub.add_parser("eval", help="IS, FID, class counts and confidence of samples (or of real digits)")
     e.add_argument("--model", default=str(DEFAULT_MODEL), help="a DDPM: folder, PRESET:WEIGHTS or hf:REPO")
     e.add_argument("--real", action="store_true", help="score the real digits instead: IS and the FID floor")
-    e.add_argument("--n", type=int, default=1000, help="number of samples")
+    e.add_argument("--n", type=positive_int, default=1000, help="number of samples")
     e.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
-    e.add_argument("--steps", type=int, default=None, help="reverse steps (default: T)")
+    e.add_argument("--steps", type=positive_int, default=None, help="reverse steps (default: T)")
     e.add_argument(
         "--variance",
         choices=("beta", "posterior"),
         default=None,
         help="DDPM σ²: β_t or β̃_t (default: the checkpoint's)",
     )
-    e.add_argument("--eta", type=float, default=0.0, help="DDIM η")
+    e.add_argument("--eta", type=eta, default=0.0, help="DDIM η in [0, 1]")
     e.add_argument("--seed", type=int, default=0, help="batch b is sampled with seed image_seed(seed, b)")
-    e.add_argument("--batch-size", type=int, default=250)
+    e.add_argument("--batch-size", type=positive_int, default=250)
     e.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER))
     e.add_argument("--data", default=str(DEFAULT_DATA), help="real digits: the FID reference")
-    e.add_argument("--device", default=_device())
+    e.add_argument("--device", type=device, default=_device())
     e.add_argument(
         "--dtype",
         choices=("float32", "bfloat16", "float16"),
@@ -79,6 +80,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def _train_classifier(args: argparse.Namespace) -> None:
     from app.evaluation.train_classifier import ClassifierTraining, train_classifier
 
+    check_output_folder(args.out, "--out")
     words = ["ddpm", "train-classifier", "--data", args.data, "--out", args.out]
     words += ["--epochs", str(args.epochs), "--seed", str(args.seed), "--device", args.device]
     command = shlex.join(words)
@@ -97,6 +99,8 @@ def _eval(args: argparse.Namespace) -> None:
     from app.evaluation.metrics import evaluate, evaluate_real
     from app.training.data import load_images
 
+    check_output_file(args.json, "--json")
+    check_output_file(args.npy, "--npy")
     sampling = ["--npy"] * bool(args.npy) + [w for w in _fast_path_words(args) if w.startswith("--")]
     if args.real and sampling:
         raise ValueError(f"{', '.join(sampling)}: for samples of a model, not with --real")

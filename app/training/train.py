@@ -149,8 +149,7 @@ class Trainer:
         if cfg.dtype not in TRAIN_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(TRAIN_DTYPES)}, got {cfg.dtype!r}")
         self.cfg = cfg
-        self.out = Path(cfg.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out = Path(cfg.out)  # made at the end, once the data and the settings have passed
         self.device = torch.device(cfg.device)
         if cfg.dtype == "bfloat16" and self.device.type == "cpu" and not cpu_has_native_bf16():
             log.warning(
@@ -183,6 +182,7 @@ class Trainer:
             self._resume()
         elif cfg.init_from:
             self._init_from(cfg.init_from)
+        self.out.mkdir(parents=True, exist_ok=True)
 
     def _load_data(self) -> torch.Tensor:
         x = load_images(self.cfg.data)
