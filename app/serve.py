@@ -50,7 +50,16 @@ def main(argv: list[str] | None = None) -> None:
 
     from app.api import create_app
 
-    app = create_app(settings)
+    checkpoints = None
+    if not settings.redis_url:  # embedded: load before uvicorn, so a bad model is one line, not its traceback
+        from app.loading import load_models
+        from app.nets import CheckpointError
+
+        try:
+            checkpoints = load_models(settings)
+        except (CheckpointError, ValueError, OSError) as e:
+            sys.exit(f"ddpm-serve: {e}")
+    app = create_app(settings, checkpoints=checkpoints)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -49,6 +49,16 @@ def test_bad_settings_stop_start_up_with_a_message(monkeypatch):
         main([])
 
 
+def test_a_model_that_does_not_load_stops_start_up_with_one_line(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{not json")
+    for ref in (str(tmp_path / "no-such-model"), str(tmp_path)):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--model", ref])  # exits before binding a port
+        message = str(exit_.value.code)
+        assert message.startswith("ddpm-serve: ") and "\n" not in message, message
+    assert "Traceback" not in capsys.readouterr().err
+
+
 @pytest.mark.service
 def test_the_serve_command_starts_a_server_that_answers(tmp_path):
     import socket
