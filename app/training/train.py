@@ -85,6 +85,10 @@ class TrainConfig:
         "norm_num_groups",
     )
 
+    # What a resumed run may change, but with a warning: the data and the optimisation. (`steps`, the
+    # intervals, the device and `--max-minutes` change freely; the model keys not at all.)
+    RUN_KEYS = ("data", "holdout", "batch_size", "lr", "warmup", "grad_clip", "ema_decay", "hflip", "seed")
+
     def unet_config(self, *, resolution: int, channels: int) -> UNetConfig:
         return UNetConfig.ddpm(
             resolution=resolution,
@@ -209,6 +213,13 @@ class Trainer:
                 f"{self.out}/state.pt was trained with other settings {clashes} "
                 "(saved, asked); use another --out folder"
             )
+        changed = [
+            f"{k} {saved[k]!r} -> {getattr(self.cfg, k)!r}"
+            for k in TrainConfig.RUN_KEYS
+            if k in saved and _norm(saved[k]) != _norm(getattr(self.cfg, k))
+        ]
+        if changed:
+            log.warning("%s goes on with changed settings: %s", self.out, ", ".join(changed))
         if (trained_in := saved.get("dtype", "float32")) != self.cfg.dtype:
             log.warning(
                 "%s was trained in %s so far; it goes on in %s (--dtype)",

@@ -176,3 +176,13 @@ def test_training_dtypes_are_checked_and_emulated_bfloat16_warns(digits, tmp_pat
     with caplog.at_level("WARNING", logger="app.training.train"):  # resumed without --dtype bfloat16
         Trainer(_config(digits, tmp_path / "emulated", steps=2))
     assert "was trained in bfloat16 so far; it goes on in float32" in caplog.text
+
+
+def test_a_run_resumed_with_other_data_or_optimiser_settings_warns_naming_them(digits, tmp_path, caplog):
+    Trainer(_config(digits, tmp_path / "run", steps=1)).run()
+    with caplog.at_level("WARNING", logger="app.training.train"):
+        Trainer(_config(digits, tmp_path / "run", steps=2))  # only steps changed: the normal way to go on
+    assert "changed settings" not in caplog.text
+    with caplog.at_level("WARNING", logger="app.training.train"):
+        Trainer(_config(digits, tmp_path / "run", steps=2, lr=1e-5))
+    assert "goes on with changed settings: lr" in caplog.text and "-> 1e-05" in caplog.text
