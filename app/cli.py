@@ -38,6 +38,7 @@ def _tuple(text: str) -> tuple[int, ...]:
 
 
 def _sample(args: argparse.Namespace) -> None:
+    from app.diffusion.samplers import timesteps
     from app.images import make_grid, save_png
     from app.nets import resolve_model
     from app.sampling import generate
@@ -47,8 +48,7 @@ def _sample(args: argparse.Namespace) -> None:
     _ddim_only_eta(args)
     ckpt = resolve_model(args.model, device=args.device)
     steps = args.steps or ckpt.scheduler.num_train_timesteps
-    if steps > ckpt.scheduler.num_train_timesteps:
-        raise ValueError(f"--steps {steps}: the model has T = {ckpt.scheduler.num_train_timesteps}")
+    timesteps(ckpt.scheduler.num_train_timesteps, steps)  # its range check, before the progress bar
     with tqdm(total=steps, desc=f"{args.sampler} ×{args.n}", unit="step", dynamic_ncols=True) as bar:
         result = generate(
             ckpt,

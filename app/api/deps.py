@@ -82,15 +82,11 @@ def get_owner(
     return owner_of(presented)
 
 
-def authenticate(request: Request) -> None:
+async def authenticate(request: Request) -> None:
     """`get_owner` outside dependency injection, for the handlers of bodies FastAPI could not parse: it
     parses a body before it runs the route's dependencies, and a caller without a valid key should hear
     401 first whatever it sent. Raises the same 401s."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    bearer = None
-    if scheme.lower() == "bearer" and token.strip():
-        bearer = HTTPAuthorizationCredentials(scheme=scheme, credentials=token.strip())
-    get_owner(get_settings(request), bearer, request.headers.get("x-api-key"))
+    get_owner(get_settings(request), await _bearer(request), await _api_key(request))
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -8,7 +8,7 @@ with a generic message (and a logged traceback); input a client sent never reach
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -38,6 +38,7 @@ _CODES = {
 _UNPARSABLE_BODY = "There was an error parsing the body"
 _NOT_JSON = "the request body is not valid JSON"
 _NOT_AN_OBJECT = "the request body must be a JSON object, sent with Content-Type: application/json"
+Authenticate = Callable[[Request], Awaitable[None]]  # raises the 401 of a missing or wrong API key
 
 
 class ApiError(Exception):
@@ -110,23 +111,21 @@ async def _api_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc)
 
 
-def _unreadable_body(request: Request, authenticate: Callable[[Request], None]) -> JSONResponse | None:
+async def _unreadable_body(request: Request, authenticate: Authenticate) -> JSONResponse | None:
     """The 401 a caller without a valid key gets before any word on a body FastAPI could not parse
     (parsing precedes the route's dependencies, where the key is checked); None when the key is good."""
     try:
-        authenticate(request)
+        await authenticate(request)
     except ApiError as e:
         return error_response(e)
     return None
 
 
-async def _validation_error(
-    request: Request, exc: Exception, authenticate: Callable[[Request], None]
-) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception, authenticate: Authenticate) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors) and (
-        refused := _unreadable_body(request, authenticate)
+        refused := await _unreadable_body(request, authenticate)
     ):
         return refused
     details = [
@@ -140,12 +139,10 @@ async def _validation_error(
     return error_response(ApiError(422, "validation_error", message, details=details))
 
 
-async def _http_error(
-    request: Request, exc: Exception, authenticate: Callable[[Request], None]
-) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception, authenticate: Authenticate) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 400 and exc.detail == _UNPARSABLE_BODY:  # API.md keeps 400 for image data
-        if refused := _unreadable_body(request, authenticate):
+        if refused := await _unreadable_body(request, authenticate):
             return refused
         message = f"{_NOT_JSON} (not UTF-8, a number too long, or nested too deep)"
         return error_response(invalid("body", message))
@@ -161,7 +158,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(ApiError(500, "internal", "internal server error; the server log has the details"))
 
 
-def install_error_handlers(app: FastAPI, *, authenticate: Callable[[Request], None]) -> None:
+def install_error_handlers(app: FastAPI, *, authenticate: Authenticate) -> None:
     """`authenticate(request)` raises the 401 for a missing or wrong API key (app/api/deps.py)."""
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, partial(_validation_error, authenticate=authenticate))

@@ -217,26 +217,20 @@ class JobService:
                 f"job object (GET /jobs/{job.id}: result.bits_per_dim, result.terms)",
             )
 
-    async def result(self, job: JobRecord, name: str) -> bytes:
+    async def result(self, job: JobRecord, name: str, *, index: int | None = None) -> bytes:
         """One stored result blob; 404 `no_images` for a likelihood job, 409 while the job has not
-        succeeded, 404 if it has no such blob."""
+        succeeded, 404 `no_such_image` naming the images the job has when `index` (of the image stored
+        as `name`) is out of range, 404 if it has no such blob."""
         self.require_images(job)
         self.require_succeeded(job)
+        count = int((job.result or {}).get("image_count", 0))
+        if index is not None and not 0 <= index < count:
+            have = f"images 0..{count - 1}" if count else "no images"
+            raise ApiError(404, "no_such_image", f"job {job.id} has {have}, not image {index}")
         data = await self.store.get_result(job.id, name)
         if data is None:
             raise not_found(f"result {name} of job {job.id}")
         return data
-
-    async def image(self, job: JobRecord, index: int, name: str) -> bytes:
-        """Image `index` of a job, stored as `name`; as `result`, and 404 `no_such_image` naming the
-        images the job has when `index` is out of range."""
-        self.require_images(job)
-        self.require_succeeded(job)
-        count = int((job.result or {}).get("image_count", 0))
-        if not 0 <= index < count:
-            have = f"images 0..{count - 1}" if count else "no images"
-            raise ApiError(404, "no_such_image", f"job {job.id} has {have}, not image {index}")
-        return await self.result(job, name)
 
     async def images_npy(self, job: JobRecord) -> bytes:
         """All images of a job as one (n, C, H, W) float32 .npy, assembled from the per-image blobs."""

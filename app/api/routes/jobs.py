@@ -50,7 +50,7 @@ async def image_png(job_id: str, index: int, service: ServiceDep, owner: OwnerDe
     """Image `index` (0-based) as PNG; 409 until the job has succeeded, 404 for a likelihood job
     (no images)."""
     job = await service.get(job_id, owner)
-    data = await service.image(job, index, png_name(index))
+    data = await service.result(job, png_name(index), index=index)
     return _download(data, "image/png", f"{job_id}-{index}.png")
 
 
@@ -59,7 +59,7 @@ async def image_npy(job_id: str, index: int, service: ServiceDep, owner: OwnerDe
     """Image `index` (0-based) as float32 .npy of shape (1, C, H, W); 409 until the job has succeeded,
     404 for a likelihood job (no images)."""
     job = await service.get(job_id, owner)
-    data = await service.image(job, index, npy_name(index))
+    data = await service.result(job, npy_name(index), index=index)
     return _download(data, "application/octet-stream", f"{job_id}-{index}.npy")
 
 
