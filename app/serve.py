@@ -3,6 +3,13 @@
 Flags override `DDPM_*` environment variables; `--help` lists every variable with its default,
 generated from `Settings`, so the two never drift apart.
 
+Start-up, in this order, each failure one line on stderr (app/launch.py): the settings (exit 1, one line
+per invalid variable or flag; unknown `DDPM_*` variables are warned about), then the listening socket
+(exit 3, `STARTUP_FAILURE`: `ddpm-serve: cannot listen on 127.0.0.1:8000: address already in use`), then
+the models (exit 1), so a port that is taken fails at once, not after minutes of loading. The socket
+listens from then on: connections made while the models load wait, and are answered once uvicorn runs.
+Exit 3 too when the app's own start-up fails (logged by uvicorn).
+
 SIGTERM (or Ctrl-C): uvicorn stops accepting connections and lets the requests in flight finish (up to
 `GRACEFUL_SHUTDOWN_SECONDS`). Open `/stream` connections would hold that until their jobs end, so
 first every stream is ended with a `shutdown` event (app/api/sse.py), which tells its client to resume
@@ -14,12 +21,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app import launch
 from app.settings import Settings
 
-STARTUP_FAILURE = 3  # uvicorn's exit status when the server did not start
+if TYPE_CHECKING:
+    import socket
+
+STARTUP_FAILURE = launch.STARTUP_FAILURE  # 3, uvicorn's exit status when the server did not start
 GRACEFUL_SHUTDOWN_SECONDS = 10  # for requests in flight at SIGTERM; open streams end at once (below)
 
 
@@ -34,18 +44,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _flags(args: argparse.Namespace) -> dict[str, Any]:
-    return {"models": args.model, "host": args.host, "port": args.port, "device": args.device}
+FLAGS = {"models": "--model", "host": "--host", "port": "--port", "device": "--device"}  # setting: flag
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
     """Settings from the environment, with the flags that were given on top."""
-    return launch.settings_with(**_flags(args))
+    return launch.settings_with(**launch.flag_values(args, FLAGS))
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = launch.start("ddpm-serve", **_flags(build_parser().parse_args(argv)))
+    settings = launch.start("ddpm-serve", build_parser().parse_args(argv), FLAGS)
+    sockets = launch.listen("ddpm-serve", settings.host, settings.port)  # before the slow part
+    try:
+        _serve(settings, sockets)
+    finally:  # uvicorn closes them when it stops; not if it never ran
+        for sock in sockets:
+            sock.close()
 
+
+def _serve(settings: Settings, sockets: list[socket.socket]) -> None:
+    """Load the models (embedded), then run uvicorn on `sockets` until it stops."""
     import uvicorn
 
     from app.api import create_app
@@ -65,22 +83,36 @@ def main(argv: list[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        backlog=launch.BACKLOG,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
     server = draining_server(config)
     with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run does
-        server.run()
-    if not server.started:  # it could not bind, or the app's start-up failed (both logged)
+        server.run(sockets=sockets)
+    if not server.started:  # the app's start-up failed (logged)
         sys.exit(STARTUP_FAILURE)
 
 
 def draining_server(config: Any) -> Any:
     """A uvicorn `Server` for `config` (whose app is ours) that ends the app's open streams as its
     shutdown starts, before it waits for the connections in flight: uvicorn tells the app nothing until
-    every connection has closed."""
+    every connection has closed. Run on sockets of ours, it logs the address as uvicorn does on its own."""
+    import logging
+
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            if sockets and self.started:  # uvicorn logs the address only of sockets it bound itself
+                scheme = "https" if self.config.is_ssl else "http"
+                port = sockets[0].getsockname()[1]
+                logging.getLogger("uvicorn.error").info(
+                    "Uvicorn running on %s://%s (Press CTRL+C to quit)",
+                    scheme,
+                    launch.address(self.config.host, port),
+                )
+
         async def shutdown(self, sockets: Any = None) -> None:
             self.config.app.state.draining.set()
             await super().shutdown(sockets=sockets)

@@ -1,11 +1,19 @@
-"""`ddpm-serve`: flags over DDPM_* variables, and a --help that lists every setting."""
+"""`ddpm-serve`: flags over DDPM_* variables, a --help that lists every setting, and start-up failures
+in one line each (the shared parts in detail: tests/test_launch.py)."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+
 import pytest
 
-from app.serve import build_parser, main, settings_from
+from app.serve import STARTUP_FAILURE, build_parser, main, settings_from
 from app.settings import Settings
+from tests.redis_server import free_port
+
+COMMAND = [sys.executable, "-c", "from app.cli import serve_main; serve_main()"]
 
 
 @pytest.fixture(autouse=True)
@@ -53,10 +61,50 @@ def test_a_model_that_does_not_load_stops_start_up_with_one_line(tmp_path, capsy
     (tmp_path / "config.json").write_text("{not json")
     for ref in (str(tmp_path / "no-such-model"), str(tmp_path)):
         with pytest.raises(SystemExit) as exit_:
-            main(["--model", ref])  # exits before binding a port
+            main(["--model", ref, "--port", str(free_port())])  # exits before uvicorn runs
         message = str(exit_.value.code)
         assert message.startswith("ddpm-serve: ") and "\n" not in message, message
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_taken_port_stops_start_up_at_once_with_one_line():
+    """Before any model loads: were the models loaded first, this one (which does not exist) would be
+    the error."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run(
+            [*COMMAND, "--port", str(port), "--model", "/no/such/model"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert run.returncode == STARTUP_FAILURE == 3, run.stderr
+    assert run.stderr == f"ddpm-serve: cannot listen on 127.0.0.1:{port}: address already in use\n"
+
+
+def test_a_host_that_is_not_this_machine_s_stops_start_up_with_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--host", "203.0.113.7", "--model", str(tmp_path / "no-such-model")])
+    assert exit_.value.code == STARTUP_FAILURE
+    err = capsys.readouterr().err
+    assert err == "ddpm-serve: cannot listen on 203.0.113.7:8000: cannot assign requested address\n"
+
+
+def test_invalid_settings_stop_start_up_with_one_line_each_naming_the_variable_or_flag(monkeypatch):
+    monkeypatch.setenv("DDPM_MAX_BATCH", "0")
+    monkeypatch.setenv("DDPM_API_KEYS", "a-short-secret")
+    monkeypatch.setenv("DDPM_PORT", "abc")  # the flag is used instead
+    run = subprocess.run([*COMMAND, "--port", "70000"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert run.stderr.splitlines() == [
+        "ddpm-serve: --port 70000: Input should be less than or equal to 65535",
+        "ddpm-serve: DDPM_MAX_BATCH=0: Input should be greater than or equal to 1",
+        "ddpm-serve: DDPM_API_KEYS: API keys must be at least 16 characters; "
+        "key(s) at position 0 are shorter",
+    ]
+    assert "a-short-secret" not in run.stderr
 
 
 @pytest.mark.service
@@ -93,6 +141,8 @@ def test_the_serve_command_starts_a_server_that_answers(tmp_path):
     finally:
         process.terminate()
         process.wait(20)
+    # On sockets bound before the models loaded, the address is logged as uvicorn logs its own.
+    assert f"Uvicorn running on http://127.0.0.1:{port} (Press CTRL+C to quit)" in process.stdout.read()
 
 
 @pytest.mark.service

@@ -2,13 +2,22 @@
 
 Flags override `DDPM_*` environment variables (the same `Settings` as `ddpm-serve`; `DDPM_REDIS_URL` is
 required). Several workers may run per host, one per GPU (`--device cuda:N`), each with a unique name.
+
+Start-up failures are one line on stderr, before any model is loaded (app/launch.py): invalid settings
+(exit 1, one line per problem; unknown `DDPM_*` variables are warned about), no Redis URL (exit 1), a
+metrics port that cannot be listened on (exit 3: `ddpm-worker: cannot listen on 127.0.0.1:9100 for
+/metrics: address already in use`); then a model that does not load (exit 1). The metrics port listens
+from before the models load but answers only after: a probe of it fails until the worker is ready.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
+import socket
 import sys
+import threading
 from typing import Any
 
 from app import launch
@@ -27,49 +36,81 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _flags(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "models": args.model,
-        "device": args.device,
-        "worker_name": args.name,
-        "worker_metrics_port": args.metrics_port,
-    }
+FLAGS = {  # setting: flag
+    "models": "--model",
+    "device": "--device",
+    "worker_name": "--name",
+    "worker_metrics_port": "--metrics-port",
+}
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
     """Settings from the environment, with the flags that were given on top."""
-    return launch.settings_with(**_flags(args))
+    return launch.settings_with(**launch.flag_values(args, FLAGS))
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = launch.start("ddpm-worker", **_flags(build_parser().parse_args(argv)))
+    settings = launch.start("ddpm-worker", build_parser().parse_args(argv), FLAGS)
     if not settings.redis_url:
         sys.exit("ddpm-worker: DDPM_REDIS_URL is not set; a worker takes its jobs from Redis")
 
-    from app.jobs.redis_connect import sync_client
-    from app.loading import load_models
-    from app.worker.worker import Worker, default_name
+    with contextlib.ExitStack() as cleanup:
+        metrics = None
+        port = settings.worker_metrics_port
+        if port is not None:  # listen now: a taken port fails before loading
+            try:
+                metrics = metrics_server(settings)
+            except OSError as e:
+                launch.cannot_listen("ddpm-worker", settings.host, port, e, " for /metrics")
+            cleanup.callback(metrics.server_close)
 
-    try:
-        checkpoints = load_models(settings)
-    except Exception as e:  # a bad model reference: say which, and stop
-        sys.exit(f"ddpm-worker: could not load the models: {e}")
-    worker = Worker(
-        settings, checkpoints, sync_client(settings.redis_url), name=settings.worker_name or default_name()
-    )
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: worker.stop())
-    if settings.worker_metrics_port is not None:
-        serve_metrics(settings)
-    worker.run()
+        from app.jobs.redis_connect import sync_client
+        from app.loading import load_models
+        from app.worker.worker import Worker, default_name
+
+        try:
+            checkpoints = load_models(settings)
+        except Exception as e:  # a bad model reference: say which, and stop
+            sys.exit(f"ddpm-worker: could not load the models: {e}")
+        name = settings.worker_name or default_name()
+        worker = Worker(settings, checkpoints, sync_client(settings.redis_url), name=name)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: worker.stop())
+        if metrics is not None:
+            serve_metrics(settings, metrics)
+            cleanup.callback(metrics.shutdown)  # first: stop answering, then close
+        worker.run()
     if worker.engine_died:
         sys.exit("ddpm-worker: an engine thread died (see the log); its jobs were handed back")
 
 
-def serve_metrics(settings: Settings) -> Any:
-    """Prometheus `/metrics` on `worker_metrics_port`, bound to `host` (DDPM_HOST: loopback by default, as
-    the API; the image sets 0.0.0.0), from a daemon thread; the server (`.server_address`, `.shutdown()`)."""
-    from prometheus_client import start_http_server
-
-    server, _ = start_http_server(settings.worker_metrics_port, addr=settings.host)
+def serve_metrics(settings: Settings, server: Any = None) -> Any:
+    """Prometheus `/metrics` on `server` (default: a new `metrics_server(settings)`), from a daemon thread;
+    the server (`.server_address`, `.shutdown()`)."""
+    server = server if server is not None else metrics_server(settings)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server
+
+
+def metrics_server(settings: Settings) -> Any:
+    """A Prometheus `/metrics` server listening on `worker_metrics_port`, bound to `host` (DDPM_HOST:
+    loopback by default, as the API; the image sets 0.0.0.0), that answers once `serve_metrics` runs it:
+    what `prometheus_client.start_http_server` builds, without starting it. Raises OSError."""
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    from prometheus_client import make_wsgi_app
+
+    port = settings.worker_metrics_port
+    infos = socket.getaddrinfo(settings.host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, sockaddr = infos[0]  # as prometheus_client picks the address family
+
+    class Server(ThreadingMixIn, WSGIServer):
+        address_family = family
+        daemon_threads = True
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            """No access log (as prometheus_client's)."""
+
+    return make_server(sockaddr[0], port, make_wsgi_app(), Server, handler_class=QuietHandler)
