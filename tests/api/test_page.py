@@ -4,33 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from playwright.sync_api import Browser, Page, expect
 
+from tests.api.browser import TIMEOUT_MS, chromium
 from tests.api.conftest import Live, live_server, server_settings
-
-CHROMIUM = Path("/usr/bin/chromium")
-if not CHROMIUM.exists():
-    pytest.skip("needs Debian's chromium (apt-get install chromium; .ci/run does)", allow_module_level=True)
-
-from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
 
 pytestmark = pytest.mark.service
 
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-]
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with chromium() as browser:
+        yield browser
+
+
 KEY = "p" * 8 + "-page-tests-key"
-TIMEOUT_MS = 30_000
 
 # Records, in order, every x̂₀ preview the page replaces (the src it had) and the arrival of results,
 # so a test can tell what was on screen before the final images.
@@ -49,14 +41,6 @@ WATCH = """(panel) => {
   }).observe(document.body, {subtree: true, childList: true, attributes: true, attributeFilter: ["src"],
                              attributeOldValue: true});
 }"""
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")

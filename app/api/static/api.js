@@ -40,18 +40,38 @@ async function api(path, { method = "GET", body, extraHeaders = {} } = {}) {
 
 async function apiError(response) {
   let code = "http_error";
-  let message = `${response.status} ${response.statusText}`;
+  let message = `${response.status} ${response.statusText}`.trim();
   try {
-    ({ code, message } = (await response.json()).error);
+    // The API's {"error": {"code", "message"}}; anything else (a proxy's or framework's body) keeps
+    // the status line, or its plain-text "detail", never "[object Object]" or "undefined".
+    const body = await response.json();
+    const error = body?.error;
+    if (typeof error?.code === "string" && error.code) code = error.code;
+    const text = [error?.message, error, body?.detail].find((m) => typeof m === "string" && m.trim());
+    if (text) message = text;
   } catch {
-    // not the API's JSON (a proxy's error page): keep the status line
+    // not JSON (a proxy's error page): keep the status line
   }
   const retry = response.headers.get("Retry-After");
-  if (retry) message += ` (try again in ${retry} s)`;
-  return new ApiError(response.status, code, message);
+  const error = new ApiError(response.status, code, message + (retry ? ` (try again in ${retry} s)` : ""));
+  error.retryAfter = Number(retry) || null;
+  return error;
 }
 
-const getJSON = async (path, options) => (await api(path, options)).json();
+// Worth trying again: no answer at all, or an answer saying "later" (busy, restarting, a proxy without
+// a backend for the moment).
+const transient = (error) =>
+  error instanceof ApiError && (error.code === "unreachable" || [429, 502, 503, 504].includes(error.status));
+
+async function getJSON(path, options) {
+  const response = await api(path, options);
+  try {
+    return await response.json();
+  } catch {
+    const message = `the answer to ${path} was not JSON (a proxy in the way?)`;
+    throw new ApiError(response.status, "bad_response", message);
+  }
+}
 
 // One Server-Sent Events message ("id:", "event:", "data:" lines); null for a heartbeat comment.
 function parseEvent(block) {
@@ -69,14 +89,33 @@ function parseEvent(block) {
 }
 
 // The events of /stream/{id}, read with fetch because EventSource cannot send the API key.
-// A dropped connection resumes after the last event seen (Last-Event-ID).
+// A dropped connection, a server that is restarting or busy (no answer, 429, 502–504) is tried again
+// with back-off, resuming after the last event seen (Last-Event-ID); before each new try it yields a
+// {event: "reconnecting", data: {attempt, message}} of its own, for the page to say so.
+const STREAM_TRIES = 7; // consecutive failed connections: about half a minute in all
+
 async function* events(path) {
   let lastId = null;
-  for (let attempt = 0; attempt < 5; attempt++) {
+  let failures = 0;
+  let reason = "the connection closed";
+  while (failures < STREAM_TRIES) {
+    if (failures > 0) {
+      yield { id: null, event: "reconnecting", data: { attempt: failures, message: reason } };
+      await sleep(Math.min(500 * 2 ** (failures - 1), 8000));
+    }
+    failures++;
     const resume = lastId === null ? {} : { "Last-Event-ID": String(lastId) };
-    const response = await api(path, { extraHeaders: { Accept: "text/event-stream", ...resume } });
+    let response;
+    try {
+      response = await api(path, { extraHeaders: { Accept: "text/event-stream", ...resume } });
+    } catch (e) {
+      if (!transient(e)) throw e; // 401, 404 (a job this server does not know)…: for the user to read
+      reason = e.message;
+      continue;
+    }
     const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = "";
+    reason = "the connection closed";
     try {
       for (;;) {
         const { value, done } = await reader.read();
@@ -87,17 +126,19 @@ async function* events(path) {
           const message = parseEvent(buffer.slice(0, end));
           buffer = buffer.slice(end + 2);
           if (!message) continue;
+          failures = 1; // this connection worked: the next one starts the back-off afresh
           if (message.id !== null) lastId = message.id;
+          if (message.event === "shutdown") reason = "the server is shutting down";
           yield message;
           if (message.event === "done" || message.event === "error") return;
         }
       }
     } catch (e) {
       if (!(e instanceof TypeError)) throw e; // a network error ends up here as a TypeError
+      reason = `the connection broke (${e.message})`;
     }
-    await sleep(500 * 2 ** attempt);
   }
-  throw new ApiError(0, "stream_lost", "lost the progress stream; the job goes on: look again later");
+  throw new ApiError(0, "stream_lost", `lost the progress stream (${reason}); the job may still be running`);
 }
 
 async function download(path, filename) {

@@ -16,21 +16,29 @@ const state = { models: [], samples: [] }; // samples: {job, index, model, seed,
 
 const model = () => state.models.find((m) => m.name === $("#model").value) || state.models[0];
 
+let modelsRetry = null;
+
+// The models, again and again while the server is unreachable or not ready (503): a page opened before
+// the server is up, or while it restarts, comes to life by itself. A refusal (401: the API key) waits
+// for the user instead.
 async function loadModels() {
+  clearTimeout(modelsRetry);
   const error = $("#page-error");
   try {
     state.models = await getJSON("/models");
     error.hidden = true;
   } catch (e) {
-    error.textContent = `Could not list the models: ${e.message}`;
+    const again = transient(e);
+    error.textContent = `Could not list the models: ${e.message}${again ? "; trying again…" : ""}`;
     error.hidden = false;
+    if (again) modelsRetry = setTimeout(loadModels, Math.min(e.retryAfter || 3, 30) * 1000);
     return;
   }
   const select = $("#model");
   const previous = select.value;
   select.replaceChildren(...state.models.map((m) => new Option(m.name, m.name)));
   const kept = state.models.some((m) => m.name === previous);
-  select.value = kept ? previous : state.models.find((m) => m.default).name;
+  select.value = kept ? previous : (state.models.find((m) => m.default) || state.models[0])?.name ?? "";
   modelChanged();
 }
 
@@ -79,12 +87,20 @@ function refreshPickers() {
 function setUpSource(fieldset, seed) {
   fieldset.append($("#source").content.cloneNode(true));
   if ("noSeed" in fieldset.dataset) $("option[value=seed]", fieldset).remove();
+  // "A: seed", "B: seed": each control's name says which side it belongs to.
+  const side = $("legend", fieldset).textContent;
+  for (const control of $$("[aria-label]", fieldset)) {
+    control.setAttribute("aria-label", `${side}: ${control.getAttribute("aria-label")}`);
+  }
   $(".seed", fieldset).value = seed;
   const kind = $(".kind", fieldset);
   const show = () => {
     for (const name of ["seed", "pick", "file"]) {
       const wanted = { seed: "seed", sample: "pick", upload: "file" }[kind.value];
-      $(`.${name}`, fieldset).hidden = name !== wanted;
+      // Disabled as well as hidden: a control the user cannot see must not block the form with its
+      // validity (an old negative seed behind "an upload" would, without a word).
+      const control = $(`.${name}`, fieldset);
+      control.hidden = control.disabled = name !== wanted;
     }
   };
   kind.addEventListener("change", show);
@@ -105,7 +121,12 @@ async function readSource(fieldset) {
     default: {
       const file = $(".file", fieldset).files[0];
       if (!file) throw new ApiError(0, "no_file", `${side}: choose an image file`);
-      return { image: await toModelPNG(file, model()) };
+      try {
+        return { image: await toModelPNG(file, model()) };
+      } catch (e) {
+        const message = `${side}: ${file.name} is not an image this browser can read (${e.message})`;
+        throw new ApiError(0, "bad_file", message);
+      }
     }
   }
 }
@@ -123,6 +144,7 @@ class JobView {
     this.results = $(".results", panel);
     this.downloads = $(".downloads", panel);
     this.error = $(".error", panel);
+    this.bar.setAttribute("aria-label", `${$("h2", panel).textContent} progress`);
   }
 
   start() {
@@ -178,9 +200,9 @@ class JobView {
     this.results.replaceChildren(...cells);
     this.downloads.replaceChildren(
       "Download: ",
-      downloadButton("grid.png", job.result.grid_url, `${job.id}-grid.png`),
+      downloadButton("grid.png", job.result.grid_url, `${job.id}-grid.png`, (e) => this.fail(e)),
       " ",
-      downloadButton("all as .npy (float32)", job.result.npy_url, `${job.id}.npy`),
+      downloadButton("all as .npy (float32)", job.result.npy_url, `${job.id}.npy`, (e) => this.fail(e)),
     );
     this.downloads.hidden = false;
   }
@@ -200,9 +222,10 @@ function showGrid(grid, count, columns) {
   }
 }
 
-function downloadButton(label, path, filename) {
+// A failed download (the job expired, the server is gone) is said in the panel, like any other error.
+function downloadButton(label, path, filename, failed) {
   const button = Object.assign(document.createElement("button"), { type: "button", textContent: label });
-  button.addEventListener("click", () => download(path, filename).catch((e) => alert(e.message)));
+  button.addEventListener("click", () => download(path, filename).catch(failed));
   return button;
 }
 
@@ -218,8 +241,15 @@ function jobPanel(panel, { path, body, columns, done = () => {} }) {
   const submit = $("button[type=submit]", form);
   const cancel = $(".cancel", form);
   let current = null;
-  cancel.addEventListener("click", async () => {
+  // The Cancel button is disabled once it has done its work, which drops the keyboard focus on it to the
+  // page's start; it goes to the (again enabled) submit button instead.
+  let refocus = false;
+  const disableCancel = () => {
+    refocus ||= document.activeElement === cancel;
     cancel.disabled = true;
+  };
+  cancel.addEventListener("click", async () => {
+    disableCancel();
     try {
       await api(`/jobs/${current}`, { method: "DELETE" });
     } catch (e) {
@@ -231,6 +261,9 @@ function jobPanel(panel, { path, body, columns, done = () => {} }) {
     view.start();
     submit.disabled = true;
     try {
+      if (!model()) {
+        throw new ApiError(0, "no_model", "no model to use yet: see the message at the top of the page");
+      }
       const request = { model: model().name, ...(await body(new FormData(form))) };
       const job = await getJSON(path, { method: "POST", body: request });
       current = job.id;
@@ -238,8 +271,10 @@ function jobPanel(panel, { path, body, columns, done = () => {} }) {
       view.queued(job);
       for await (const message of events(job.urls.stream)) {
         if (message.event === "progress") view.progress(message.data, columns);
-        else if (message.event === "done") {
-          cancel.disabled = true;
+        else if (message.event === "reconnecting") {
+          view.status.textContent = `${message.data.message}: reconnecting (try ${message.data.attempt})…`;
+        } else if (message.event === "done") {
+          disableCancel();
           await view.finish(message.data, columns);
           if (message.data.status === "succeeded") done(message.data);
         } else if (message.event === "error") {
@@ -251,7 +286,9 @@ function jobPanel(panel, { path, body, columns, done = () => {} }) {
       view.fail(e);
     } finally {
       submit.disabled = false;
-      cancel.disabled = true;
+      disableCancel();
+      if (refocus && (document.activeElement === document.body || !document.activeElement)) submit.focus();
+      refocus = false;
     }
   });
 }
