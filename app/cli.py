@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,12 +16,17 @@ import torch
 from tqdm import tqdm
 
 from app.argtypes import (
+    check_input_file,
+    check_model_folder,
+    check_model_ref,
     check_output_file,
     check_output_folder,
     decay,
     device,
     eta,
     non_negative_int,
+    npy_file,
+    png_file,
     positive_int,
 )
 
@@ -46,6 +53,7 @@ def _sample(args: argparse.Namespace) -> None:
     check_output_file(args.out, "--out")
     check_output_file(args.npy, "--npy")
     _ddim_only_eta(args)
+    check_model_ref(args.model, "--model")
     ckpt = resolve_model(args.model, device=args.device)
     steps = args.steps or ckpt.scheduler.num_train_timesteps
     timesteps(ckpt.scheduler.num_train_timesteps, steps)  # its range check, before the progress bar
@@ -76,17 +84,36 @@ def _train(args: argparse.Namespace) -> None:
     from app.training.train import TrainConfig, Trainer
 
     check_output_folder(args.out, "--out")
+    if args.init_from and not (Path(args.out) / "state.pt").exists():  # a resumed run does not read it
+        check_model_folder(args.init_from, "--init-from")
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
     if args.max_minutes is not None and not args.max_minutes > 0:
         raise ValueError(f"--max-minutes must be positive, got {args.max_minutes}")
     max_seconds = None if args.max_minutes is None else 60 * args.max_minutes
-    model = Trainer(TrainConfig(**fields)).run(max_seconds=max_seconds)
+    trainer = Trainer(TrainConfig(**fields))
+    model = trainer.run(max_seconds=max_seconds)
+    if trainer.stopped_by == signal.SIGINT and trainer.step < trainer.cfg.steps:
+        # Saved like a SIGTERM, but a Ctrl-C ends as main() ends every command on one: status 130.
+        # (SIGTERM, how a scheduler or `kill` stops a run, stays a clean stop with status 0.)
+        again = shlex.join(["ddpm", *args.argv])
+        raise KeyboardInterrupt(
+            f"at step {trainer.step} of {trainer.cfg.steps}, saved in {args.out}; "
+            f"the same command resumes: {again}"
+        )
     print(f"EMA weights: {model}")
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from app.nets.convert import convert_original_checkpoint
+    from app.nets.convert import ORIGINAL_WEIGHTS_FILE, convert_original_checkpoint
 
+    weights = Path(args.weights)
+    if weights.is_dir() and (weights / "config.json").is_file():
+        raise ValueError(
+            f"--weights: {weights} is a folder in the diffusers layout already (config.json): it needs no "
+            f"converting, give it as --model; convert takes {ORIGINAL_WEIGHTS_FILE}"
+        )
+    check_input_file(args.weights, "--weights", ORIGINAL_WEIGHTS_FILE)
+    check_output_folder(args.out, "--out")
     convert_original_checkpoint(args.weights, args.out, preset=args.preset)
     print(f"{args.out}: converted {args.weights} ({args.preset})")
 
@@ -137,7 +164,7 @@ def _remote_sample(args: argparse.Namespace) -> None:
         options = {k: v for k, v in options.items() if v is not None}
         job = ddpm.sample(args.n, stream_every=_previews(steps), **options)
         job = _follow(ddpm, job, f"{args.sampler} ×{args.n}")
-        ddpm.grid(job).save(args.out)
+        ddpm.grid(job).save(args.out, format="PNG")
         if args.npy:
             np.save(args.npy, ddpm.images(job))
     print(f"{args.out}: {args.n} images, seed {job.seed}, {job.steps} steps, job {job.id}")
@@ -146,8 +173,7 @@ def _remote_sample(args: argparse.Namespace) -> None:
 def _interpolation_end(path: str | None, seed: int | None, flag: str) -> Path | int:
     if path is None:
         return seed
-    if not Path(path).is_file():
-        raise ValueError(f"{flag}: no such file {path}")
+    check_input_file(path, flag, "an image file of the model's size and channels")
     return Path(path)
 
 
@@ -173,7 +199,7 @@ def _remote_interpolate(args: argparse.Namespace) -> None:
         options = {k: v for k, v in options.items() if v is not None}
         job = ddpm.interpolate(a, b, num=args.num, stream_every=_previews(steps), **options)
         job = _follow(ddpm, job, f"interpolate ×{args.num}")
-        ddpm.grid(job).save(args.out)
+        ddpm.grid(job).save(args.out, format="PNG")
     print(f"{args.out}: {job.result['rows']} × {job.result['columns']} images (t × λ), job {job.id}")
 
 
@@ -193,8 +219,10 @@ def _add_remote(sub) -> None:
     s.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
     s.add_argument("--eta", type=eta, default=0.0, help="DDIM η in [0, 1] (ddim only; default 0)")
     s.add_argument("--seed", type=int, default=None, help="default: random, reported at the end")
-    s.add_argument("--out", default="samples.png", help="PNG grid (default samples.png)")
-    s.add_argument("--npy", default=None, help="also save float32 (n, C, H, W) values in [-1, 1]")
+    s.add_argument("--out", type=png_file, default="samples.png", help="PNG grid (default samples.png)")
+    s.add_argument(
+        "--npy", type=npy_file, default=None, help="also save float32 (n, C, H, W) values in [-1, 1] (.npy)"
+    )
     s.set_defaults(func=_remote_sample)
 
     i = remote.add_parser("interpolate", help="interpolate between two images or seeds at t (Fig. 8)")
@@ -208,7 +236,7 @@ def _add_remote(sub) -> None:
     i.add_argument("--num", type=positive_int, default=8, help="number of λ, evenly spread over [0, 1]")
     i.add_argument("--steps", type=positive_int, default=None, help="reverse steps from t (default: all)")
     i.add_argument("--seed", type=int, default=None, help="default: random")
-    i.add_argument("--out", default="interpolation.png", help="PNG grid, rows t, columns λ")
+    i.add_argument("--out", type=png_file, default="interpolation.png", help="PNG grid, rows t, columns λ")
     i.set_defaults(func=_remote_interpolate)
 
 
@@ -242,8 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-clip", action="store_true", help="do not clip x̂₀ to [-1, 1]")
     s.add_argument("--seed", type=int, default=None, help="default: random, reported at the end")
     s.add_argument("--device", type=device, default=best_device(), help="cpu, cuda or cuda:N")
-    s.add_argument("--out", default="samples.png", help="PNG grid (default samples.png)")
-    s.add_argument("--npy", default=None, help="also save float32 (n, C, H, W) values in [-1, 1]")
+    s.add_argument("--out", type=png_file, default="samples.png", help="PNG grid (default samples.png)")
+    s.add_argument(
+        "--npy", type=npy_file, default=None, help="also save float32 (n, C, H, W) values in [-1, 1] (.npy)"
+    )
     s.set_defaults(func=_sample)
 
     t = sub.add_parser("train", help="train a DDPM with Algorithm 1 (resumes if --out has a run)")
@@ -268,7 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int)
     t.add_argument("--checkpoint-every", dest="checkpoint_every", type=positive_int, help="steps")
     t.add_argument("--preview-every", dest="preview_every", type=non_negative_int, help="steps; 0: none")
-    t.add_argument("--init-from", dest="init_from", help="start a new run from this checkpoint's weights")
+    t.add_argument(
+        "--init-from", dest="init_from", help="start a new run from the weights of this checkpoint folder"
+    )
     t.add_argument("--device", type=device, default=best_device(), help="cpu, cuda or cuda:N")
     t.add_argument(
         "--dtype",
@@ -298,7 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command's words, for `ddpm train` to tell how to resume
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from app.client import DDPMError
     from app.nets import CheckpointError
@@ -309,8 +343,8 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except (CheckpointError, DataError, DDPMError, ValueError, OSError) as e:
         sys.exit(f"ddpm {command}: {e}")
-    except KeyboardInterrupt:
-        print(f"ddpm {command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C; a command may say more (train: the step saved, how to resume)
+        print(f"ddpm {command}: interrupted" + (f" {e}" if str(e) else ""), file=sys.stderr)
         sys.exit(130)
 
 

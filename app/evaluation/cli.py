@@ -15,7 +15,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from app.argtypes import check_output_file, check_output_folder, device, eta, positive_int
+from app.argtypes import (
+    check_input_folder,
+    check_model_ref,
+    check_output_file,
+    check_output_folder,
+    device,
+    eta,
+    npy_file,
+    positive_int,
+)
 from app.training.data import SHARED_MNIST
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,7 +67,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--eta", type=eta, default=0.0, help="DDIM η in [0, 1]")
     e.add_argument("--seed", type=int, default=0, help="batch b is sampled with seed image_seed(seed, b)")
     e.add_argument("--batch-size", type=positive_int, default=250)
-    e.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER))
+    e.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER), help="a folder of train-classifier")
     e.add_argument("--data", default=str(DEFAULT_DATA), help="real digits: the FID reference")
     e.add_argument("--device", type=device, default=_device())
     e.add_argument(
@@ -73,7 +82,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--compile", action="store_true", help="torch.compile the U-Net for the batch sizes, as DDPM_COMPILE"
     )
     e.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    e.add_argument("--npy", default=None, help="also save the samples: float32 (n, C, H, W) in [-1, 1]")
+    e.add_argument(
+        "--npy", type=npy_file, default=None, help="also save the samples: float32 (n, C, H, W) in [-1, 1]"
+    )
     e.set_defaults(func=_eval)
 
 
@@ -95,7 +106,7 @@ def _train_classifier(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from app.evaluation.classifier import load_classifier
+    from app.evaluation.classifier import CONFIG_NAME, WEIGHTS_NAME, load_classifier
     from app.evaluation.metrics import evaluate, evaluate_real
     from app.training.data import load_images
 
@@ -104,6 +115,10 @@ def _eval(args: argparse.Namespace) -> None:
     sampling = ["--npy"] * bool(args.npy) + [w for w in _fast_path_words(args) if w.startswith("--")]
     if args.real and sampling:
         raise ValueError(f"{', '.join(sampling)}: for samples of a model, not with --real")
+    if not args.real:
+        check_model_ref(args.model, "--model")
+    expected = f"a classifier folder ({CONFIG_NAME} and {WEIGHTS_NAME}), as train-classifier writes"
+    check_input_folder(args.classifier, "--classifier", expected, holding=(CONFIG_NAME, WEIGHTS_NAME))
     classifier = load_classifier(args.classifier, device=args.device)
     real = load_images(args.data)
     if args.real:

@@ -83,8 +83,11 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
                 f"{path}: refused: this pickle needs arbitrary code to load, and only plain tensors are read "
                 f"(torch.load weights_only=True said: {str(e).splitlines()[0]})"
             ) from None
-        except (RuntimeError, EOFError, OSError) as e:
-            raise CheckpointError(f"{path}: not a readable PyTorch weights file ({e})") from None
+        except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError) as e:
+            # KeyError, IndexError, ValueError: the unpickler's, on a file that is no pickle (a text file)
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch weights file ({type(e).__name__}: {e})"
+            ) from None
     if not isinstance(state, dict):
         raise CheckpointError(
             f"{path}: expected a state_dict (a dict of tensors), got a {type(state).__name__}"

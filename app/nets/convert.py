@@ -49,6 +49,8 @@ _LEAVES = {
 }
 ATTENTION_PROJECTION = re.compile(r".*\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight")
 ORIGINAL_FORMAT_MARKER = "temb.dense.0.weight"
+# What `convert` reads, in words for error messages.
+ORIGINAL_WEIGHTS_FILE = "the original-format checkpoint file (.ckpt, .pt, .pth or .safetensors)"
 
 
 def original_key(key: str, levels: int) -> str:
@@ -107,6 +109,8 @@ def convert_original_checkpoint(
         if preset not in PRESETS:
             raise CheckpointError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
         preset = PRESETS[preset]
+    if Path(weights_path).is_dir():
+        raise CheckpointError(f"{weights_path} is a folder; give {ORIGINAL_WEIGHTS_FILE}")
     state = read_state_dict(weights_path)
     try:
         converted = convert_original_state_dict(state, preset.unet)

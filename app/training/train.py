@@ -181,7 +181,7 @@ class Trainer:
         self.order = torch.empty(0, dtype=torch.long)
         self.elapsed = 0.0
         self.earlier = _earlier_training(cfg.init_from)  # steps and seconds the started-from model had
-        self._stop = False
+        self.stopped_by: int | None = None  # the signal (SIGINT, SIGTERM) that ended the last run()
         if (self.out / "state.pt").exists():
             self._resume()
         elif cfg.init_from:
@@ -331,19 +331,21 @@ class Trainer:
 
     def _on_signal(self, signum, frame) -> None:
         log.warning("signal %d: saving at the end of this step, then stopping", signum)
-        self._stop = True
+        self.stopped_by = signum
 
     def run(self, max_seconds: float | None = None) -> Path:
         """Train to cfg.steps; with `max_seconds`, stop after the first step that ends past that much
-        wall time (a checkpoint is saved either way, and the same command resumes)."""
+        wall time (a checkpoint is saved either way, and the same command resumes). SIGINT and SIGTERM
+        stop it the same way, at the end of the step; `stopped_by` then holds the signal."""
         cfg = self.cfg
+        self.stopped_by = None
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self.model.train()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         smoothed = None
         try:
-            while self.step < cfg.steps and not self._stop:
+            while self.step < cfg.steps and self.stopped_by is None:
                 started = time.perf_counter()
                 loss = self.train_step(self.next_batch())
                 took = time.perf_counter() - started
