@@ -138,9 +138,16 @@ class Engine:
 
     @torch.inference_mode()
     def _warm_up_update(self) -> None:
+        """Compile the update for what `_iterate` passes it: x_t and z laid out as the step buffers
+        are, ε as the forward returns it (dynamo guards on strides, so zeros of another layout would
+        leave the first request to compile it again)."""
         for rows in (1, 2):  # dynamo specialises a batch of one apart from the dynamic-size kernel
-            z = torch.zeros(rows, *self.ctx.shape, device=self.device)
-            self._step(z, z, z, torch.zeros(rows, COLUMNS, device=self.device))
+            fmt = self.forward.memory_format
+            x = torch.empty(self.forward.bucket(rows), *self.ctx.shape, device=self.device, memory_format=fmt)
+            x.zero_()
+            eps = self.forward(x, torch.zeros(x.shape[0], dtype=torch.long, device=self.device))[:rows]
+            z = torch.zeros_like(x[:rows])
+            self._step(x[:rows], eps, z, torch.zeros(rows, COLUMNS, device=self.device))
 
     def stop(self, timeout: float | None = None) -> None:
         with self._cond:

@@ -3,6 +3,7 @@ waiting, the same images."""
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from app.engine.fastpath import FastPath
 from app.sampling import generate
@@ -86,13 +87,17 @@ def test_compiled_engine_equals_plain_generate(engine_factory):
     fast = FastPath(compile=True, channels_last=True)
     engine, rec = engine_factory(max_batch=2, ckpt=tiny_checkpoint(timesteps=40), fast=fast)
     engine.start()
-    with torch._dynamo.config.patch(error_on_recompile=True):  # start() compiled everything
-        engine.submit(sample_work("c1", n=1, steps=40, seed=6))
-        engine.submit(sample_work("c2", n=1, steps=20, sampler="ddim", seed=7))
-        for job_id, ref in (
-            ("c1", generate(tiny_checkpoint(timesteps=40), n=1, steps=40, variance="beta", seed=6)),
-            ("c2", generate(tiny_checkpoint(timesteps=40), n=1, steps=20, sampler="ddim", seed=7)),
-        ):
-            outcome, payload = rec.wait(job_id)
-            assert outcome == "finished", payload
-            torch.testing.assert_close(payload[0], ref.images, atol=1e-4, rtol=0)
+    # The engine's thread compiles, so a thread-local `torch._dynamo.config.patch(error_on_recompile=…)`
+    # here would not see it: the global graph count must not move after start(). The tiny model has one
+    # channel, whose stride differs between NCHW warm-up inputs and the channels_last step buffers.
+    compiled = counters["stats"]["unique_graphs"]
+    engine.submit(sample_work("c1", n=1, steps=40, seed=6))
+    engine.submit(sample_work("c2", n=1, steps=20, sampler="ddim", seed=7))
+    for job_id, ref in (
+        ("c1", generate(tiny_checkpoint(timesteps=40), n=1, steps=40, variance="beta", seed=6)),
+        ("c2", generate(tiny_checkpoint(timesteps=40), n=1, steps=20, sampler="ddim", seed=7)),
+    ):
+        outcome, payload = rec.wait(job_id)
+        assert outcome == "finished", payload
+        torch.testing.assert_close(payload[0], ref.images, atol=1e-4, rtol=0)
+    assert counters["stats"]["unique_graphs"] == compiled  # start() compiled everything
