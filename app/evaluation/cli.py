@@ -1,7 +1,7 @@
 """`ddpm train-classifier` and `ddpm eval`: the quality table of the model card (IS, FID, classes).
 
 `add_parsers(sub)` registers both subcommands on the `ddpm` subparsers; each sets `func`.
-`python -m app.evaluation.cli …` runs them on their own.
+Run them as `ddpm train-classifier …` and `ddpm eval …` (app/cli.py: one error line, no traceback).
 """
 
 from __future__ import annotations
@@ -209,14 +209,3 @@ def _sample(args: argparse.Namespace) -> tuple[torch.Tensor, str, str]:
     words += fast_words
     label += f", {args.dtype}" * (args.dtype != "float32")
     return torch.cat(images), label, shlex.join(words)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="ddpm", description="Sample quality: IS and FID for digits.")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    args.func(args)
-
-
-if __name__ == "__main__":
-    main()

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from app.evaluation.cli import TABLE_HEADER, main
+from app.cli import main
+from app.evaluation.cli import TABLE_HEADER
 from app.images import to_uint8
 from app.training.data import SHARED_MNIST, load_images, pad_to
 
