@@ -3,12 +3,15 @@
 What a review of the page found and what must stay fixed: a phone screen, controls the user cannot see
 blocking a form, unreadable uploads, a server that restarts mid-stream or is not ready yet, error bodies
 that are not the API's, failed downloads, keyboard focus after Cancel, and the names of the controls.
+A second review: a queued job's place that never moved, a screen reader told every preview step, an empty
+progress bar under a refused request, and typed steps and t lost when the model list reloaded.
 Like tests/api/test_page.py: Debian's chromium driven by Playwright, nothing downloaded.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -23,7 +26,7 @@ from playwright.sync_api import Browser, Page, Route, expect
 
 from app.api import create_app
 from tests.api.browser import TIMEOUT_MS, chromium
-from tests.api.conftest import Live, live_server, server_settings
+from tests.api.conftest import Live, live_server, server_settings, wait_for
 
 pytestmark = pytest.mark.service
 
@@ -35,6 +38,7 @@ def browser() -> Iterator[Browser]:
 
 
 PHONE = {"width": 375, "height": 800}
+KEY = "r" * 8 + "-review-tests-key"
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +49,16 @@ def live(model_dirs) -> Iterator[Live]:
 
 
 @contextmanager
-def open_page(browser: Browser, url: str, viewport: dict | None = None) -> Iterator[Page]:
-    """The page, failing the test on a script error, an alert() or a request that leaves the server."""
+def open_page(
+    browser: Browser, url: str, viewport: dict | None = None, key: str | None = None
+) -> Iterator[Page]:
+    """The page, failing the test on a script error, an alert() or a request that leaves the server.
+
+    `key`: an API key the page already holds (entered earlier in this browser tab)."""
     context = browser.new_context(viewport=viewport or {"width": 1200, "height": 1000}, accept_downloads=True)
     page = context.new_page()
+    if key is not None:
+        page.add_init_script(f"sessionStorage.setItem('ddpm-api-key', {json.dumps(key)})")
     page.set_default_timeout(TIMEOUT_MS)
     errors: list[str] = []
     elsewhere: list[str] = []
@@ -301,3 +311,118 @@ def test_every_control_has_a_name_of_its_own(page):
     panel = page.locator("#sample")
     expect(panel.get_by_role("progressbar", name="Sample progress")).to_have_count(1)
     expect(panel.get_by_role("group", name="results").get_by_role("img")).to_have_count(2)
+
+
+def test_a_queued_job_shows_its_place_as_it_moves_up_then_starts(browser, model_dirs):
+    # One job at a time: a long job runs, another waits, and the page's job queues behind them.
+    settings = server_settings(model_dirs[:1], max_batch=1, engine_policy="serial")
+    with live_server(settings) as live, live.client() as client, open_page(browser, live.url) as page:
+        running = client.post("/sample", json={"n": 8, "stream_every": 0}).json()  # 1000 steps: long
+        wait_for(client, running["id"], lambda job: job["status"] == "running")
+        ahead = client.post("/sample", json={"n": 1, "stream_every": 0}).json()
+        panel = page.locator("#sample")
+        panel.locator("[name=n]").fill("1")
+        panel.locator("[name=steps]").fill("5")
+        panel.get_by_role("button", name="Sample").click()
+        status = panel.locator(".status")
+        expect(status).to_have_text("queued (position 2)")
+        # The stream is silent while the job waits: the page asks for its place and says it moved up.
+        client.delete(f"/jobs/{ahead['id']}").raise_for_status()
+        expect(status).to_have_text("queued (position 1)")
+        expect(panel.get_by_role("status")).to_have_text("Sample: queued, position 1")
+        client.delete(f"/jobs/{running['id']}").raise_for_status()
+        expect(panel.locator(".results img")).to_have_count(1)
+        expect(status).to_contain_text("done in")
+
+
+# Records, in order, every text the panel's polite live regions take: what a screen reader would read out.
+LISTEN = """(panel) => {
+  (window.listeners || []).forEach((listener) => listener.disconnect());
+  window.said = [];
+  window.listeners = [];
+  const live = `${panel} [aria-live=polite], ${panel} [role=status]:not([aria-live=off])`;
+  for (const region of document.querySelectorAll(live)) {
+    const listener = new MutationObserver(() => window.said.push(region.textContent.trim()));
+    listener.observe(region, {subtree: true, childList: true, characterData: true});
+    window.listeners.push(listener);
+  }
+}"""
+
+
+def said(page: Page) -> list[str]:
+    """What the live regions said since LISTEN, without clearings and without an opening "queued"."""
+    texts = [text for text in page.evaluate("window.said") if text]
+    return texts[1:] if texts and texts[0].startswith("Sample: queued") else texts
+
+
+def test_a_screen_reader_hears_state_changes_not_every_step(page):
+    panel = page.locator("#sample")
+    page.select_option("#model", "tiny2")
+    page.evaluate(LISTEN, "#sample")
+    sample(page, 1, 100)  # a preview every 2 steps: the visible status changed 50 times
+    *during, end = said(page)
+    assert during == ["Sample: started", "Sample: 25 %", "Sample: 50 %", "Sample: 75 %"]
+    assert re.fullmatch(r"Sample: done in [\d.]+ s, seed \d+", end), end
+    expect(panel.get_by_role("status")).to_have_count(1)  # in the accessibility tree, though not shown
+
+    page.select_option("#model", "tiny")  # T = 1000 steps: long enough to cancel
+    page.evaluate(LISTEN, "#sample")
+    panel.locator("[name=steps]").fill("1000")
+    panel.get_by_role("button", name="Sample").click()
+    expect(panel.locator(".status")).to_contain_text(" left")
+    panel.get_by_role("button", name="Cancel").click()
+    expect(panel.get_by_role("status")).to_have_text(re.compile(r"Sample: cancelled at step \d+ of 1000"))
+    texts = said(page)
+    assert texts[0] == "Sample: started" and len(texts) <= 3, texts  # and at most one quarter between
+
+
+def test_no_progress_bar_shows_before_there_is_a_job(page):
+    panel = page.locator("#sample")
+    panel.locator("[name=n]").fill("99")  # over max_images: refused with 422, no job made
+    panel.get_by_role("button", name="Sample").click()
+    expect(panel.locator(".error")).to_contain_text("(422 validation_error)")
+    expect(panel.locator("progress")).to_be_hidden()
+    sample(page, 1, 5)
+    expect(panel.get_by_role("progressbar", name="Sample progress")).to_be_visible()
+    panel.locator("[name=n]").fill("99")  # refused again: the last job's full bar goes too
+    panel.get_by_role("button", name="Sample").click()
+    expect(panel.locator(".error")).to_contain_text("(422 validation_error)")
+    expect(panel.locator("progress")).to_be_hidden()
+    reconstruct = page.locator("#reconstruct")
+    reconstruct.locator(".kind").select_option("upload")
+    reconstruct.get_by_role("button", name="Reconstruct").click()  # no file: refused by the page itself
+    expect(reconstruct.locator(".error")).to_contain_text("choose an image file")
+    expect(reconstruct.locator("progress")).to_be_hidden()
+
+
+def test_typed_steps_and_t_stay_when_the_models_reload(browser, model_dirs):
+    with (
+        live_server(server_settings(model_dirs, api_keys=[KEY])) as live,
+        open_page(browser, live.url, key=KEY) as page,
+    ):
+        expect(page.locator("#model option")).to_have_count(2)
+        steps = page.locator("#sample [name=steps]")
+        t = page.locator("#reconstruct [name=t]")
+        untouched = page.locator("#interpolate [name=t]")
+        expect(steps).to_have_value("1000")  # tiny, the default model: T = 1000
+        steps.fill("400")
+        t.fill("30")
+        # A wrong key, then the right one again: the model list reloads, and what the user typed stays.
+        key = page.locator("#api-key")
+        key.fill("not-the-key")
+        key.press("Tab")
+        expect(page.locator("#page-error")).to_contain_text("API key")
+        key.fill(KEY)
+        key.press("Tab")
+        expect(page.locator("#page-error")).to_be_hidden()
+        expect(steps).to_have_value("400")
+        expect(t).to_have_value("30")
+        expect(untouched).to_have_value("500")
+        # Another model: only what is invalid for it goes (400 steps > T = 100); untyped fields follow it.
+        page.select_option("#model", "tiny2")
+        expect(steps).to_have_value("100")
+        expect(t).to_have_value("30")
+        expect(untouched).to_have_value("50")
+        page.select_option("#model", "tiny")
+        expect(steps).to_have_value("1000")
+        expect(t).to_have_value("30")

@@ -4,6 +4,7 @@
 "use strict";
 
 const PREVIEWS_PER_JOB = 60; // about this many x̂₀ frames per job, whatever its length
+const QUEUE_POLL_MS = 1500; // how often a queued job's place is asked for (its stream is silent until it starts)
 
 // The page picks the seeds it does not get from the form: the server's own random seeds go up to 2^63,
 // which JavaScript numbers cannot hold exactly, so they could not be shown or reused.
@@ -49,16 +50,28 @@ function modelChanged() {
   const variance = m.variance === "beta" ? "σ² = β" : "σ² = β̃";
   $("#model-info").textContent =
     `${m.resolution}×${m.resolution} ${channels} · T = ${m.timesteps} · ${m.beta_schedule} β · ${variance}`;
-  $("#sample [name=steps]").max = m.timesteps;
-  $("#sample [name=steps]").value = m.timesteps;
-  for (const input of $$("#interpolate [name=t], #reconstruct [name=t]")) {
-    input.value = Math.max(1, Math.floor(m.timesteps / 2));
-    input.max = m.timesteps;
-  }
+  // What the user typed stays (a reloaded model list, another API key, another model) while it is valid
+  // for this model; the rest follows the model: all T steps, t = T/2.
+  const inRange = (t) => Number.isInteger(t) && t >= 1 && t <= m.timesteps;
+  const steps = $("#sample [name=steps]");
+  steps.max = m.timesteps;
+  keepOrSet(steps, m.timesteps, (text) => inRange(Number(text)));
+  const half = Math.max(1, Math.floor(m.timesteps / 2));
+  $("#reconstruct [name=t]").max = m.timesteps;
+  keepOrSet($("#reconstruct [name=t]"), half, (text) => inRange(Number(text)));
+  keepOrSet($("#interpolate [name=t]"), half, (text) => listOfT(text).every(inRange));
   // Crisp pixels at a useful size: an integer scale of the model's resolution.
   const cell = Math.max(1, Math.round(96 / m.resolution)) * m.resolution;
   document.documentElement.style.setProperty("--cell", `${cell}px`);
   refreshPickers();
+}
+
+// Keeps an input's value when the user typed it and it is still `valid`; otherwise sets `fallback`
+// (and the input follows the model again until the user types in it).
+function keepOrSet(input, fallback, valid) {
+  if (input.dataset.typed && input.value.trim() !== "" && valid(input.value)) return;
+  input.value = fallback;
+  delete input.dataset.typed;
 }
 
 function remember(job) {
@@ -144,7 +157,9 @@ class JobView {
     this.results = $(".results", panel);
     this.downloads = $(".downloads", panel);
     this.error = $(".error", panel);
-    this.bar.setAttribute("aria-label", `${$("h2", panel).textContent} progress`);
+    this.live = $(".announce", panel);
+    this.name = $("h2", panel).textContent;
+    this.bar.setAttribute("aria-label", `${this.name} progress`);
   }
 
   start() {
@@ -153,19 +168,51 @@ class JobView {
     this.downloads.hidden = true;
     this.previews.replaceChildren();
     this.results.replaceChildren();
+    this.bar.hidden = true; // no job yet: nothing to show progress of
     this.bar.value = 0;
     this.status.textContent = "submitting…";
     this.first = null;
+    this.said = null;
+    this.quarter = 0;
   }
 
-  queued(job) {
+  // Screen readers hear state changes only (the visible status changes at every preview): queued,
+  // started, each quarter, the end; each message once. Errors are said by the role="alert" paragraph.
+  announce(text) {
+    if (text === this.said) return;
+    this.said = text;
+    this.live.textContent = `${this.name}: ${text}`;
+  }
+
+  // The job as POST or GET /jobs/{id} gave it, before its first progress event. `say`: announce the
+  // place in the queue (not for the POST's answer: a job on an idle server starts at once).
+  queued(job, say = false) {
+    this.bar.hidden = false;
+    if (this.first) return; // the stream has spoken since
     this.bar.max = job.progress.steps || 1;
-    this.status.textContent = job.queue_position ? `queued (position ${job.queue_position})` : "starting…";
+    if (job.status === "queued" && job.queue_position) {
+      this.status.textContent = `queued (position ${job.queue_position})`;
+      if (say) this.announce(`queued, position ${job.queue_position}`);
+    } else if (job.status === "queued" || job.status === "running") {
+      this.status.textContent = "starting…"; // out of the queue, no step done yet
+      if (job.status === "running") this.announce("started");
+    } // ended (cancelled while queued…): the stream's "done" says how
+  }
+
+  reconnecting({ attempt, message }) {
+    this.status.textContent = `${message}: reconnecting (try ${attempt})…`;
+    this.announce("connection lost, reconnecting");
   }
 
   progress(event, columns) {
     const now = performance.now();
+    if (!this.first) this.announce("started");
     this.first ??= { time: now, step: event.step };
+    const quarter = Math.floor((4 * event.step) / event.steps);
+    if (quarter > this.quarter && quarter < 4) {
+      this.quarter = quarter;
+      this.announce(`${25 * quarter} %`);
+    }
     this.bar.max = event.steps;
     this.bar.value = event.step;
     const rate = (event.step - this.first.step) / ((now - this.first.time) / 1000);
@@ -182,11 +229,13 @@ class JobView {
     const seconds = (new Date(job.finished_at) - new Date(job.started_at || job.created_at)) / 1000;
     if (job.status !== "succeeded") {
       this.status.textContent = `${job.status} at step ${job.progress.step} / ${job.progress.steps}`;
+      this.announce(`${job.status} at step ${job.progress.step} of ${job.progress.steps}`);
       if (job.error) this.fail(new ApiError(0, job.error.code, job.error.message));
       return;
     }
     this.bar.value = this.bar.max;
     this.status.textContent = `done in ${formatSeconds(seconds)} · seed ${job.seed}`;
+    this.announce(`done in ${formatSeconds(seconds)}, seed ${job.seed}`);
     const blobs = await Promise.all(job.result.images.map(async (image) => (await api(image.url)).blob()));
     const cells = blobs.map((blob, k) => {
       const src = URL.createObjectURL(blob);
@@ -229,6 +278,32 @@ function downloadButton(label, path, filename, failed) {
   return button;
 }
 
+// The stream of a queued job is silent until the job starts: meanwhile its place in the queue is asked
+// for with GET /jobs/{id}, until it leaves the queue or the returned function is called (the stream
+// spoke). Failures are left to the stream to report.
+function watchQueue(view, job) {
+  let watching = job.status === "queued";
+  (async () => {
+    while (watching) {
+      await sleep(QUEUE_POLL_MS);
+      if (!watching) return;
+      let now;
+      try {
+        now = await getJSON(`/jobs/${job.id}`);
+      } catch (e) {
+        if (transient(e)) continue;
+        return;
+      }
+      if (!watching) return;
+      watching = now.status === "queued";
+      view.queued(now, true);
+    }
+  })();
+  return () => {
+    watching = false;
+  };
+}
+
 function formatSeconds(seconds) {
   if (seconds < 60) return `${seconds.toFixed(seconds < 10 ? 1 : 0)} s`;
   return `${Math.floor(seconds / 60)} min ${Math.round(seconds % 60)} s`;
@@ -258,6 +333,7 @@ function jobPanel(panel, { path, body, columns, done = () => {} }) {
   });
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
+    let stopWatching = () => {};
     view.start();
     submit.disabled = true;
     try {
@@ -269,11 +345,12 @@ function jobPanel(panel, { path, body, columns, done = () => {} }) {
       current = job.id;
       cancel.disabled = false;
       view.queued(job);
+      stopWatching = watchQueue(view, job);
       for await (const message of events(job.urls.stream)) {
+        if (message.event !== "reconnecting") stopWatching();
         if (message.event === "progress") view.progress(message.data, columns);
-        else if (message.event === "reconnecting") {
-          view.status.textContent = `${message.data.message}: reconnecting (try ${message.data.attempt})…`;
-        } else if (message.event === "done") {
+        else if (message.event === "reconnecting") view.reconnecting(message.data);
+        else if (message.event === "done") {
           disableCancel();
           await view.finish(message.data, columns);
           if (message.data.status === "succeeded") done(message.data);
@@ -285,6 +362,7 @@ function jobPanel(panel, { path, body, columns, done = () => {} }) {
       view.status.textContent = "";
       view.fail(e);
     } finally {
+      stopWatching();
       submit.disabled = false;
       disableCancel();
       if (refocus && (document.activeElement === document.body || !document.activeElement)) submit.focus();
@@ -306,6 +384,11 @@ function setUp() {
     loadModels();
   });
   $("#model").addEventListener("change", modelChanged);
+  for (const input of $$("#sample [name=steps], #interpolate [name=t], #reconstruct [name=t]")) {
+    input.addEventListener("input", () => {
+      input.dataset.typed = "yes";
+    });
+  }
   $$(".source").forEach((fieldset, k) => setUpSource(fieldset, k + 1));
 
   const sampler = $("#sample [name=sampler]");
