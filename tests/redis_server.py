@@ -23,8 +23,8 @@ class RedisServer:
     """One redis-server process; `restart` keeps the port and the data directory (so AOF replays)."""
 
     def __init__(self, directory: Path, *, appendonly: bool = True, appendfsync: str = "everysec"):
-        if shutil.which("redis-server") is None:
-            pytest.skip("redis-server is not on PATH")
+        if shutil.which("redis-server") is None:  # a failure, not a skip: CI must not pass without Redis
+            pytest.fail("redis-server is not on PATH (apt-get install redis-server; `make test` does)")
         self.directory = directory
         self.port = free_port()
         self.appendonly = appendonly

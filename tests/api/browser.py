@@ -1,6 +1,7 @@
 """What the page's browser tests share: Debian's chromium, driven by Playwright (no browser download).
 
-Import it before playwright: it skips the importing test module where chromium is missing.
+Import it before playwright: where chromium is missing, the importing test module fails to import (a
+failure, not a skip: CI must not pass without the browser tests).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
-    pytest.skip("needs Debian's chromium (apt-get install chromium; .ci/run does)", allow_module_level=True)
+    pytest.fail("needs Debian's chromium (apt-get install chromium; `make test` does)", pytrace=False)
 
 from playwright.sync_api import Browser, sync_playwright  # noqa: E402
 

@@ -219,10 +219,14 @@ def test_a_full_queue_is_retried_after_retry_after_then_given_up_or_admitted(mod
         wait_for(http, running.id, lambda job: job["status"] == "running")
         queued = ddpm.sample(**LONG)
 
+        delays: list[float | None] = []
+        own_delay = ddpm._delay
+        monkeypatch.setattr(ddpm, "_delay", lambda *a: delays.append(own_delay(*a)) or delays[-1])
         start = time.monotonic()
         with pytest.raises(DDPMError) as caught:  # one retry, after the 1 s the server asked for
             ddpm.sample(1, steps=1)
-        assert time.monotonic() - start >= 0.95
+        assert time.monotonic() - start >= 0.95  # it did wait
+        assert delays == [1.0, None]  # the Retry-After asked for, then no more retries
         assert (caught.value.status, caught.value.code, caught.value.attempts) == (429, "queue_full", 2)
         assert "already waiting" in str(caught.value) and "after 2 attempts" in str(caught.value)
 
