@@ -109,16 +109,16 @@ def test_engine_options_reach_the_engine_from_the_environment(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "overrides",
+    ("overrides", "says"),
     [
-        {"engine_policy": "fifo"},
-        {"dtype": "int8"},
-        {"device": "cpu", "cuda_graphs": True},
-        {"device": "cpu", "dtype": "float16"},
+        ({"engine_policy": "fifo"}, "engine_policy"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"device": "cpu", "cuda_graphs": True}, "need a CUDA device, and device is cpu"),
+        ({"device": "cpu", "dtype": "float16"}, "need a CUDA device, and device is cpu"),
     ],
 )
-def test_engine_options_the_device_cannot_run_are_refused(overrides):
-    with pytest.raises(ValidationError):
+def test_engine_options_the_device_cannot_run_are_refused(overrides, says):
+    with pytest.raises(ValidationError, match=says):
         Settings(**overrides)
 
 
