@@ -9,6 +9,8 @@ import pytest
 from PIL import Image
 
 from app.cli import main
+from app.nets import load_checkpoint
+from app.sampling import generate
 from tests.api.conftest import live_server, png_b64, server_settings
 
 pytestmark = pytest.mark.service
@@ -35,16 +37,22 @@ def test_remote_sample_writes_a_grid_and_floats_with_a_progress_bar(url, tmp_pat
     assert "6/6" in captured.err  # the tqdm bar, fed by the stream, reached the end
 
 
-def test_remote_ddim_forwards_the_sampler_and_seed(url, tmp_path):
-    def grid(name: str, seed: str) -> np.ndarray:
-        out = tmp_path / f"{name}.png"
-        remote(
-            url, "sample", "--n", "2", "--steps", "5", "--sampler", "ddim", "--seed", seed, "--out", str(out)
-        )
-        return np.asarray(Image.open(out))
+def test_remote_ddim_forwards_the_sampler_and_seed(url, model_dirs, tmp_path):
+    def floats(name: str, sampler: str, seed: str) -> np.ndarray:
+        out, npy = tmp_path / f"{name}.png", tmp_path / f"{name}.npy"
+        words = ["--n", "2", "--steps", "5", "--sampler", sampler, "--seed", seed, "--out", str(out)]
+        remote(url, "sample", *words, "--npy", str(npy))
+        return np.load(npy)
 
-    first, again, other = grid("a", "9"), grid("b", "9"), grid("c", "10")
+    first, again, other = floats("a", "ddim", "9"), floats("b", "ddim", "9"), floats("c", "ddim", "10")
     assert np.array_equal(first, again) and not np.array_equal(first, other)
+    # The server ran DDIM: its images are those of the library's DDIM for that seed, not its DDPM ones
+    # (which a dropped --sampler, the server's default, would give).
+    ckpt = load_checkpoint(model_dirs[1])
+    ddim = generate(ckpt, n=2, steps=5, sampler="ddim", seed=9).images.numpy()
+    ddpm = generate(ckpt, n=2, steps=5, sampler="ddpm", seed=9).images.numpy()
+    assert np.abs(ddim - ddpm).max() > 0.1
+    np.testing.assert_allclose(first, ddim, rtol=0, atol=1e-4)
 
 
 def test_remote_interpolate_from_a_seed_and_a_file_writes_one_row(url, tmp_path, capsys):

@@ -107,10 +107,13 @@ def test_a_png_declaring_huge_dimensions_is_refused_before_decoding():
 
 
 def test_oversized_upload_is_refused_before_base64_decoding():
-    text = "A" * 4000
-    expect(
-        400, lambda: decode_image(text, resolution=8, channels=1, max_bytes=1000, max_pixels=10**6), "limit"
+    limits = {"max_bytes": 1000, "max_pixels": 10**6}
+    expect(400, lambda: decode_image("A" * 4000, resolution=8, channels=1, **limits), "limit")
+    # Not base64 at all: only a refusal by length, before decoding, names the limit rather than the base64.
+    error = expect(
+        400, lambda: decode_image("!" * 4000, resolution=8, channels=1, **limits), "1000-byte limit"
     )
+    assert "base64" not in error.message
 
 
 def test_wrong_size_is_a_422_naming_the_expected_size():

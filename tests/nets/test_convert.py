@@ -49,6 +49,50 @@ def test_original_names(original, small_config):
     assert original_key("up_blocks.0.upsamplers.0.conv.weight", 3) == "up.2.upsample.conv.weight"
 
 
+# The original (pesser/pytorch_diffusion) name of each diffusers parameter, written out by hand: tensors
+# of equal shape (q, k, v and proj_out; block_1 and block_2; up levels of equal width) can only be told
+# apart by their values, which a round trip through the two converters would not check.
+ORIGINAL_OF = {
+    "mid_block.attentions.0.to_q.weight": "mid.attn_1.q.weight",
+    "mid_block.attentions.0.to_k.weight": "mid.attn_1.k.weight",
+    "mid_block.attentions.0.to_v.weight": "mid.attn_1.v.weight",
+    "mid_block.attentions.0.to_out.0.weight": "mid.attn_1.proj_out.weight",
+    "mid_block.attentions.0.to_q.bias": "mid.attn_1.q.bias",
+    "mid_block.attentions.0.to_k.bias": "mid.attn_1.k.bias",
+    "mid_block.attentions.0.to_v.bias": "mid.attn_1.v.bias",
+    "mid_block.attentions.0.group_norm.weight": "mid.attn_1.norm.weight",
+    "mid_block.resnets.0.conv1.weight": "mid.block_1.conv1.weight",
+    "mid_block.resnets.1.conv1.weight": "mid.block_2.conv1.weight",
+    "mid_block.resnets.0.norm1.weight": "mid.block_1.norm1.weight",
+    "mid_block.resnets.0.norm2.weight": "mid.block_1.norm2.weight",
+    "mid_block.resnets.0.time_emb_proj.weight": "mid.block_1.temb_proj.weight",
+    "down_blocks.1.attentions.0.to_k.weight": "down.1.attn.0.k.weight",
+    "down_blocks.2.attentions.0.to_v.weight": "down.2.attn.0.v.weight",
+    "down_blocks.1.resnets.0.conv_shortcut.weight": "down.1.block.0.nin_shortcut.weight",
+    "down_blocks.1.downsamplers.0.conv.weight": "down.1.downsample.conv.weight",
+    "up_blocks.0.resnets.0.conv1.weight": "up.2.block.0.conv1.weight",
+    "up_blocks.0.resnets.1.conv2.weight": "up.2.block.1.conv2.weight",
+    "up_blocks.1.resnets.0.conv2.weight": "up.1.block.0.conv2.weight",
+    "up_blocks.0.attentions.1.to_q.weight": "up.2.attn.1.q.weight",
+    "up_blocks.1.attentions.0.to_out.0.weight": "up.1.attn.0.proj_out.weight",
+    "up_blocks.0.upsamplers.0.conv.weight": "up.2.upsample.conv.weight",
+    "up_blocks.1.upsamplers.0.conv.weight": "up.1.upsample.conv.weight",
+    "time_embedding.linear_1.weight": "temb.dense.0.weight",
+    "time_embedding.linear_2.weight": "temb.dense.1.weight",
+    "conv_norm_out.weight": "norm_out.weight",
+}
+
+
+def test_each_tensor_lands_under_its_original_name(unet, original, small_config):
+    state = unet.state_dict()
+    for new, old in ORIGINAL_OF.items():
+        want = state[new][:, :, None, None] if ".to_" in new and new.endswith("weight") else state[new]
+        assert torch.equal(original[old], want), f"{new} is not {old}"
+    converted = convert_original_state_dict(original, small_config)
+    for new, old in ORIGINAL_OF.items():
+        assert torch.equal(converted[new], state[new]), f"{old} is not read as {new}"
+
+
 def test_round_trip_is_exact(unet, original, small_config):
     back = convert_original_state_dict(original, small_config)
     state = unet.state_dict()
