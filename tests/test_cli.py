@@ -10,6 +10,7 @@ from PIL import Image
 from app.cli import main
 from app.nets import SchedulerConfig, UNet, load_checkpoint
 from app.nets.convert import to_original_state_dict
+from app.sampling import generate
 from tests.tiny import TINY_CONFIG, save_tiny
 
 
@@ -46,6 +47,13 @@ def test_sample_writes_a_grid_and_float_values(tiny, tmp_path, capsys):
     assert grid.size == (2 * 10 + 2, 2 * 10 + 2) and grid.mode == "L"
     values = np.load(npy)
     assert values.shape == (4, 1, 8, 8) and values.dtype == np.float32 and np.abs(values).max() <= 1
+    # --sampler ddim was used: the values are the library's DDIM ones for that seed and steps, not
+    # its DDPM ones (which a dropped --sampler, the default, would give).
+    ckpt = load_checkpoint(tiny, device="cpu")
+    ddim = generate(ckpt, n=4, steps=5, sampler="ddim", seed=3).images.numpy()
+    ddpm = generate(ckpt, n=4, steps=5, sampler="ddpm", seed=3).images.numpy()
+    assert np.abs(ddim - ddpm).max() > 0.1
+    np.testing.assert_allclose(values, ddim, rtol=0, atol=1e-5)
 
 
 def test_sample_shows_a_progress_bar_and_clear_errors(tiny, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 
 import numpy as np
 import pytest
@@ -17,9 +18,14 @@ pytestmark = pytest.mark.service
 
 
 @pytest.fixture(scope="module")
-def url(model_dirs):
+def live(model_dirs):
     with live_server(server_settings(model_dirs, max_batch=8, max_images=9)) as server:
-        yield server.url
+        yield server
+
+
+@pytest.fixture(scope="module")
+def url(live):
+    return live.url
 
 
 def remote(url: str, command: str, *args: str) -> None:
@@ -55,13 +61,31 @@ def test_remote_ddim_forwards_the_sampler_and_seed(url, model_dirs, tmp_path):
     np.testing.assert_allclose(first, ddim, rtol=0, atol=1e-4)
 
 
-def test_remote_interpolate_from_a_seed_and_a_file_writes_one_row(url, tmp_path, capsys):
+def test_remote_interpolate_from_a_seed_and_a_file_writes_one_row(live, tmp_path, capsys):
     a = tmp_path / "a.png"
     a.write_bytes(base64.b64decode(png_b64(3)))
     out = tmp_path / "row.png"
-    remote(url, "interpolate", "--a", str(a), "--b-seed", "2", "--t", "10", "--num", "5", "--out", str(out))
+    words = ["--a", str(a), "--b-seed", "2", "--t", "10", "--num", "5", "--seed", "4", "--out", str(out)]
+    remote(live.url, "interpolate", *words)
     assert Image.open(out).size == (5 * 10 + 2, 10 + 2)  # one row (one t) of five λ
     assert "1 × 5 images" in capsys.readouterr().out
+
+    # The file was uploaded and used: the row is the API's own for that image (sent by hand), and
+    # not the one for another image (which a seed used in the file's place would not tell apart).
+    def api_row(image: str) -> np.ndarray:
+        body = {"model": "tiny2", "a": {"image": image}, "b": {"seed": 2}, "t": 10, "num": 5, "seed": 4}
+        with live.client() as client:
+            response = client.post("/interpolate", params={"wait": "true"}, json=body)
+            assert response.status_code == 200, response.text
+            job = response.json()
+            assert job["status"] == "succeeded", job
+            grid = client.get(job["result"]["grid_url"])
+        assert grid.status_code == 200, grid.text
+        return np.asarray(Image.open(io.BytesIO(grid.content)))
+
+    row, other = np.asarray(Image.open(out)), api_row(png_b64(4))
+    assert np.array_equal(row, api_row(png_b64(3)))
+    assert not np.array_equal(row, other)
 
 
 def test_remote_interpolate_with_several_t_writes_one_row_per_t(url, tmp_path):

@@ -152,13 +152,26 @@ def test_a_file_that_is_not_an_image_is_named_in_the_error(page, tmp_path):
 
 def test_a_dropped_stream_is_resumed_when_the_server_answers_again(page):
     refused: list[str] = []
+    resumed_from: list[str | None] = []  # the Last-Event-ID of each connection that got through
+    cut: list[str] = []  # the id of the last event of the stream that broke off
 
     def stream(route: Route) -> None:
         if len(refused) < 3:  # the server is away for three connections, then back
             refused.append(route.request.url)
             route.abort("connectionrefused")
-        else:
+            return
+        resumed_from.append(route.request.headers.get("last-event-id"))
+        if cut:
             route.continue_()
+            return
+        # The first stream that gets through breaks off before its last event ("done"): the page must
+        # reconnect and say which event it saw last, for the server to send only what came after it.
+        response = route.fetch()
+        blocks = response.text().split("\n\n")
+        done = next(k for k, block in enumerate(blocks) if "event: done" in block)
+        kept = [block for block in blocks[:done] if block.strip()]
+        cut.append(re.findall(r"^id: (\d+)$", "\n".join(kept), re.M)[-1])
+        route.fulfill(response=response, body="".join(f"{block}\n\n" for block in kept))
 
     page.route("**/stream/**", stream)
     panel = page.locator("#sample")
@@ -169,6 +182,7 @@ def test_a_dropped_stream_is_resumed_when_the_server_answers_again(page):
     expect(panel.locator(".results img")).to_have_count(2)
     expect(panel.locator(".error")).to_be_hidden()
     assert len(refused) == 3
+    assert len(resumed_from) == 2 and resumed_from == [None, cut[0]], (resumed_from, cut)
 
 
 class Restartable:
