@@ -218,7 +218,11 @@ def test_ctrl_c_ends_sampling_with_one_line_and_status_130(tmp_path):
     model = save_tiny(tmp_path / "long", timesteps=20_000)  # a chain long enough to interrupt
     command = [sys.executable, "-m", "app.cli", "sample", "--model", str(model), "--n", "1"]
     process = subprocess.Popen(
-        [*command, "--out", str(tmp_path / "g.png"), "--device", "cpu"], stderr=subprocess.PIPE
+        [*command, "--out", str(tmp_path / "g.png"), "--device", "cpu"],
+        stderr=subprocess.PIPE,
+        # As a terminal starts it: a suite run in the background of a non-interactive shell inherits
+        # SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     seen = b""
     while b"step/s" not in seen[-200:]:  # the progress bar is up: sampling has begun

@@ -38,7 +38,12 @@ def _start(words: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with log.open("w") as err:  # a file, not a pipe: the progress bar would fill a pipe no one reads
         return subprocess.Popen(
-            [sys.executable, "-m", "app.cli", *words], stdout=subprocess.PIPE, stderr=err, cwd=REPO, env=env
+            [sys.executable, "-m", "app.cli", *words],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            cwd=REPO,
+            env=env,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal starts it
         )
 
 
