@@ -77,17 +77,16 @@ def main(argv: list[str] | None = None) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: worker.stop())
         if metrics is not None:
-            serve_metrics(settings, metrics)
+            serve_metrics(metrics)
             cleanup.callback(metrics.shutdown)  # first: stop answering, then close
         worker.run()
     if worker.engine_died:
         sys.exit("ddpm-worker: an engine thread died (see the log); its jobs were handed back")
 
 
-def serve_metrics(settings: Settings, server: Any = None) -> Any:
-    """Prometheus `/metrics` on `server` (default: a new `metrics_server(settings)`), from a daemon thread;
-    the server (`.server_address`, `.shutdown()`)."""
-    server = server if server is not None else metrics_server(settings)
+def serve_metrics(server: Any) -> Any:
+    """Prometheus `/metrics` answered on `server` (a `metrics_server`) from a daemon thread; the server
+    (`.server_address`, `.shutdown()`)."""
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server
 

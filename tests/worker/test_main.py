@@ -86,7 +86,7 @@ def test_the_metrics_port_is_held_from_start_up_and_answers_once_served():
     try:
         with pytest.raises(OSError):
             metrics_server(settings)  # the port is taken from now on
-        assert serve_metrics(settings, server) is server  # once the models are loaded
+        assert serve_metrics(server) is server  # once the models are loaded
         reply = httpx.get(f"http://127.0.0.1:{settings.worker_metrics_port}/metrics", timeout=10)
         assert reply.status_code == 200 and "ddpm_" in reply.text
     finally:

@@ -211,7 +211,7 @@ async def test_a_worker_reports_queue_wait_job_duration_and_device_memory_on_its
 ):
     import httpx
 
-    from app.worker.main import serve_metrics
+    from app.worker.main import metrics_server, serve_metrics
     from tests.redis_server import free_port
 
     calls: list[tuple[str | None, BaseException | None]] = []
@@ -227,7 +227,7 @@ async def test_a_worker_reports_queue_wait_job_duration_and_device_memory_on_its
 
     monkeypatch.setattr(metrics, "update_device_memory", spy)
     config = settings(redis_server, worker_metrics_port=free_port())
-    server = serve_metrics(config)  # bound to DDPM_HOST, loopback unless set
+    server = serve_metrics(metrics_server(config))  # bound to DDPM_HOST, loopback unless set
     assert server.server_address[:2] == ("127.0.0.1", config.worker_metrics_port)
     url = f"http://127.0.0.1:{config.worker_metrics_port}/metrics"
     wait_sample = 'ddpm_queue_wait_seconds_count{kind="sample"}'
