@@ -137,9 +137,9 @@ class Forward:
         return self._layout(self._fn(self._layout(_pad(x, bucket)), _pad(t, bucket)))[:rows]
 
     def _layout(self, x: Tensor) -> Tensor:
-        return self.canonical(x.contiguous(memory_format=self.memory_format))
+        return self._canonical(x.contiguous(memory_format=self.memory_format))
 
-    def canonical(self, x: Tensor) -> Tensor:
+    def _canonical(self, x: Tensor) -> Tensor:
         """`x` (laid out in the forward's memory format) with the strides a new tensor of that format has.
 
         Where a dimension has size 1 (one channel: the MNIST model) its stride addresses nothing, and
