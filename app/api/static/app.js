@@ -365,7 +365,10 @@ function jobPanel(panel, { path, body, columns, done = () => {} }) {
       stopWatching();
       submit.disabled = false;
       disableCancel();
-      if (refocus && (document.activeElement === document.body || !document.activeElement)) submit.focus();
+      // Chromium moves the focus off a disabled button only at its next rendering update: until then
+      // it is still on Cancel.
+      const dropped = [document.body, cancel, null].includes(document.activeElement);
+      if (refocus && dropped) submit.focus();
       refocus = false;
     }
   });
