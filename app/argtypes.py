@@ -151,6 +151,7 @@ def check_model_ref(ref: str, option: str) -> None:
     whose weights are a folder, the run folder of `ddpm train` given for its model/. Anything else is
     left to resolve_model, which names the accepted forms."""
     from app.nets import PRESETS
+    from app.nets.resolve import preset_reference
 
     path = Path(ref)
     if path.is_dir():
@@ -161,8 +162,8 @@ def check_model_ref(ref: str, option: str) -> None:
             f"{option}: {ref} is a file; give {_CHECKPOINT_FOLDER}, or PRESET:{ref} for a weights file "
             f"(PRESET one of {', '.join(PRESETS)})"
         )
-    preset, colon, weights = ref.partition(":")
-    if colon and preset in PRESETS and Path(weights).is_dir():
+    preset, weights = preset_reference(ref) or ("", "")
+    if preset in PRESETS and Path(weights).is_dir():
         raise ValueError(
             f"{option}: {weights} is a folder; {preset}:WEIGHTS takes a weights file (.safetensors, .ckpt, "
             ".pt, .pth or .bin), and a checkpoint folder is given on its own"

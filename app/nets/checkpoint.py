@@ -68,6 +68,10 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """The tensors of a .safetensors file, or of a pickle (.bin/.ckpt/.pt/.pth) read with weights_only=True,
     which runs no code from the file."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path}: a folder, not a weights file (.safetensors, .ckpt, .pt, .pth or .bin)"
+        )
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.suffix == ".safetensors":

@@ -109,8 +109,6 @@ def convert_original_checkpoint(
         if preset not in PRESETS:
             raise CheckpointError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
         preset = PRESETS[preset]
-    if Path(weights_path).is_dir():
-        raise CheckpointError(f"{weights_path} is a folder; give {ORIGINAL_WEIGHTS_FILE}")
     state = read_state_dict(weights_path)
     try:
         converted = convert_original_state_dict(state, preset.unet)

@@ -32,6 +32,13 @@ def _forms() -> str:
     )
 
 
+def preset_reference(ref: str) -> tuple[str, str] | None:
+    """(PRESET, WEIGHTS) of a `PRESET:WEIGHTS` reference (the preset not checked), None for other forms."""
+    if ref.startswith("hf:") or not (match := _PRESET_REF.fullmatch(ref)):
+        return None
+    return match["preset"], match["weights"]
+
+
 def resolve_model(ref: str, *, device: str | torch.device = "cpu") -> Checkpoint:
     """The checkpoint `ref` names: a local folder (diffusers layout), `PRESET:WEIGHTS_PATH` (a preset's
     architecture and scheduler with a weights file, e.g. `cifar10:/ckpt/model-790000.ckpt`), or
@@ -42,8 +49,8 @@ def resolve_model(ref: str, *, device: str | torch.device = "cpu") -> Checkpoint
         folder = _download(hub["repo"], hub["revision"])
         checkpoint = load_checkpoint(folder, device=device)
         return replace(checkpoint, name=hub["repo"].rsplit("/", 1)[-1], source=ref)
-    if (preset_ref := _PRESET_REF.fullmatch(ref)) and not ref.startswith("hf:"):
-        name, weights = preset_ref["preset"], preset_ref["weights"]
+    if preset_ref := preset_reference(ref):
+        name, weights = preset_ref
         if name not in PRESETS:
             raise CheckpointError(f"{ref}: unknown preset {name!r}; {_forms()}")
         preset = PRESETS[name]

@@ -71,6 +71,7 @@ def test_preset_with_weights_of_another_architecture(tmp_path, unet, small_confi
     [
         ("nope:/ckpt/model.ckpt", "unknown preset 'nope'"),
         ("cifar10:/no/such/model.ckpt", "/no/such/model.ckpt: no such file"),
+        ("cifar10:/tmp", "/tmp: a folder, not a weights file (.safetensors, .ckpt"),
         ("./no/such/folder", "not a checkpoint folder nor a model reference"),
         ("hf:", "not a checkpoint folder nor a model reference"),
     ],
