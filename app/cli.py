@@ -91,11 +91,19 @@ def _train(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-minutes must be positive, got {args.max_minutes}")
     max_seconds = None if args.max_minutes is None else 60 * args.max_minutes
     trainer = Trainer(TrainConfig(**fields))
-    model = trainer.run(max_seconds=max_seconds)
+    again = shlex.join(["ddpm", *args.argv])
+    try:
+        model = trainer.run(max_seconds=max_seconds)
+    except KeyboardInterrupt:  # Ctrl-C twice: stopped at once, within a step or a preview
+        held = trainer.saved_step
+        where = f"{args.out} holds step {held}; the same command resumes: {again}"
+        raise KeyboardInterrupt(
+            f"again: stopped at once at step {trainer.step}, unsaved; "
+            + ("nothing was saved" if held is None else where)
+        ) from None
     if trainer.stopped_by == signal.SIGINT and trainer.step < trainer.cfg.steps:
         # Saved like a SIGTERM, but a Ctrl-C ends as main() ends every command on one: status 130.
         # (SIGTERM, how a scheduler or `kill` stops a run, stays a clean stop with status 0.)
-        again = shlex.join(["ddpm", *args.argv])
         raise KeyboardInterrupt(
             f"at step {trainer.step} of {trainer.cfg.steps}, saved in {args.out}; "
             f"the same command resumes: {again}"

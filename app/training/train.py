@@ -182,6 +182,8 @@ class Trainer:
         self.elapsed = 0.0
         self.earlier = _earlier_training(cfg.init_from)  # steps and seconds the started-from model had
         self.stopped_by: int | None = None  # the signal (SIGINT, SIGTERM) that ended the last run()
+        self.saved_step: int | None = None  # the step state.pt holds
+        self._saving = False
         if (self.out / "state.pt").exists():
             self._resume()
         elif cfg.init_from:
@@ -235,7 +237,7 @@ class Trainer:
         if "torch_rng" in state:  # runs saved before this was recorded resume without it
             torch.set_rng_state(state["torch_rng"])
         self.order = state["order"]
-        self.step = state["step"]
+        self.step = self.saved_step = state["step"]
         self.elapsed = state.get("elapsed", 0.0)
         self.earlier = state.get("earlier", self.earlier)
         log.info("resumed %s at step %d", self.out, self.step)
@@ -252,6 +254,14 @@ class Trainer:
 
     def save(self) -> None:
         """Write state.pt atomically, then the EMA model in the diffusers layout."""
+        self._saving = True
+        try:
+            self._save()
+        finally:
+            self._saving = False
+        self.saved_step = self.step
+
+    def _save(self) -> None:
         _atomic_save(
             {
                 "config": dataclasses.asdict(self.cfg),
@@ -330,13 +340,20 @@ class Trainer:
         return torch.autocast(self.device.type, TRAIN_DTYPES[dtype], enabled=dtype != "float32")
 
     def _on_signal(self, signum, frame) -> None:
-        log.warning("signal %d: saving at the end of this step, then stopping", signum)
-        self.stopped_by = signum
+        if self.stopped_by is None or signum != signal.SIGINT:
+            log.warning("signal %d: saving at the end of this step, then stopping", signum)
+            self.stopped_by = self.stopped_by or signum
+        elif self._saving:
+            log.warning("Ctrl-C again: a checkpoint is being written; stopping when it is")
+        else:  # a second Ctrl-C: stop now, without waiting for the step (or a preview) to end
+            raise KeyboardInterrupt("again")
 
     def run(self, max_seconds: float | None = None) -> Path:
         """Train to cfg.steps; with `max_seconds`, stop after the first step that ends past that much
         wall time (a checkpoint is saved either way, and the same command resumes). SIGINT and SIGTERM
-        stop it the same way, at the end of the step; `stopped_by` then holds the signal."""
+        stop it the same way, at the end of the step; `stopped_by` then holds the signal. A second SIGINT
+        before then raises KeyboardInterrupt at once, saving nothing more (state.pt holds `saved_step`);
+        while a checkpoint is being written it waits for the write."""
         cfg = self.cfg
         self.stopped_by = None
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
@@ -360,11 +377,12 @@ class Trainer:
                 if deadline is not None and time.monotonic() >= deadline:
                     log.info("time limit of %.0f s reached at step %d", max_seconds, self.step)
                     break
+            bar.close()
+            self.save()  # under the handlers still: a Ctrl-C now waits for the write
         finally:
             bar.close()
             for s, handler in old.items():
                 signal.signal(s, handler)
-        self.save()
         log.info("step %d: saved %s (%.0f s of training)", self.step, self.out / "model", self.elapsed)
         return self.out / "model"
 

@@ -1,5 +1,6 @@
 """`ddpm train` stopped by a signal, in a real process: Ctrl-C (SIGINT) saves and exits 130 with one line
-saying where it stopped and how to go on; SIGTERM saves and exits 0; the same command resumes."""
+saying where it stopped and how to go on; SIGTERM saves and exits 0; the same command resumes. A second
+Ctrl-C stops at once without saving (in-process, with the signals sent from inside a step)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+from app.cli import main
+from app.training.train import TrainConfig, Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -78,3 +83,80 @@ def test_ctrl_c_saves_exits_130_and_the_same_command_resumes(tmp_path):
     err = log.read_text()
     assert f"resumed {run} at step {step}" in err and "interrupted" not in err and "Traceback" not in err
     assert process.stdout.read().decode().startswith(f"EMA weights: {run / 'model'}")
+
+
+def _tiny_run(tmp_path: Path, **kw) -> TrainConfig:
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", images=(rng.uniform(0, 1, (16, 8, 8)) > 0.5).astype(np.uint8) * 255)
+    base = dict(data=str(tmp_path / "d.npz"), out=str(tmp_path / "run"), ch=32, ch_mult=(1, 2))
+    base.update(num_res_blocks=1, attn_resolutions=(4,), num_timesteps=50, batch_size=4, steps=1000)
+    return TrainConfig(**{**base, "checkpoint_every": 2, "preview_every": 0, **kw})
+
+
+def _ctrl_c_twice_in_step(monkeypatch, at_step: int) -> None:
+    """Trainer.train_step, but with two SIGINTs sent to this process as step `at_step` + 1 begins."""
+    step = Trainer.train_step
+
+    def interrupted(self, x0):
+        if self.step == at_step:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, x0)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_saves_nothing_more(tmp_path, monkeypatch):
+    trainer = Trainer(_tiny_run(tmp_path))
+    _ctrl_c_twice_in_step(monkeypatch, at_step=3)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert trainer.step == 3 and trainer.saved_step == 2  # step 4 never ended; the step-2 checkpoint stays
+    assert _saved_step(tmp_path / "run") == 2 and Trainer(_tiny_run(tmp_path)).step == 2
+    assert signal.getsignal(signal.SIGINT) is handler  # run() put the handlers back
+
+
+def test_a_second_ctrl_c_while_a_checkpoint_is_written_waits_for_it(tmp_path, monkeypatch, caplog):
+    trainer = Trainer(_tiny_run(tmp_path))
+    save = Trainer._save
+
+    def ctrl_c_again(self):  # the second SIGINT lands mid-write
+        if self.stopped_by is not None:
+            os.kill(os.getpid(), signal.SIGINT)
+        save(self)
+
+    monkeypatch.setattr(Trainer, "_save", ctrl_c_again)
+    step = Trainer.train_step
+
+    def ctrl_c(self, x0):
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, x0)
+
+    monkeypatch.setattr(Trainer, "train_step", ctrl_c)
+    trainer.run()  # no KeyboardInterrupt: the write finished and the run ended as after one Ctrl-C
+    assert trainer.stopped_by == signal.SIGINT and trainer.step == trainer.saved_step == 3
+    assert _saved_step(tmp_path / "run") == 3
+    assert "Ctrl-C again: a checkpoint is being written; stopping when it is" in caplog.text
+
+
+@pytest.mark.parametrize("at_step", [3, 0])
+def test_ddpm_train_says_what_a_second_ctrl_c_left(tmp_path, monkeypatch, capsys, at_step):
+    config = _tiny_run(tmp_path)
+    words = ["train", "--data", config.data, "--out", config.out, "--ch", "32", "--ch-mult", "1,2"]
+    words += ["--num-res-blocks", "1", "--attn-resolutions", "4", "--batch-size", "4", "--steps", "1000"]
+    words += ["--checkpoint-every", "2", "--preview-every", "0", "--device", "cpu"]
+    _ctrl_c_twice_in_step(monkeypatch, at_step=at_step)
+    with pytest.raises(SystemExit) as e:
+        main(words)
+    assert e.value.code == 130
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    if at_step:
+        assert said == (
+            f"ddpm train: interrupted again: stopped at once at step 3, unsaved; {config.out} holds step 2; "
+            f"the same command resumes: {shlex.join(['ddpm', *words])}"
+        )
+    else:
+        assert said == "ddpm train: interrupted again: stopped at once at step 0, unsaved; nothing was saved"
+        assert not (Path(config.out) / "state.pt").exists()
