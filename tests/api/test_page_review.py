@@ -4,7 +4,8 @@ What a review of the page found and what must stay fixed: a phone screen, contro
 blocking a form, unreadable uploads, a server that restarts mid-stream or is not ready yet, error bodies
 that are not the API's, failed downloads, keyboard focus after Cancel, and the names of the controls.
 A second review: a queued job's place that never moved, a screen reader told every preview step, an empty
-progress bar under a refused request, and typed steps and t lost when the model list reloaded.
+progress bar under a refused request, and typed steps and t lost when the model list reloaded. Then: a
+queued job's dropped stream hidden by its place in the queue.
 Like tests/api/test_page.py: Debian's chromium driven by Playwright, nothing downloaded.
 """
 
@@ -344,6 +345,46 @@ def test_a_queued_job_shows_its_place_as_it_moves_up_then_starts(browser, model_
         client.delete(f"/jobs/{ahead['id']}").raise_for_status()
         expect(status).to_have_text("queued (position 1)")
         expect(panel.get_by_role("status")).to_have_text("Sample: queued, position 1")
+        client.delete(f"/jobs/{running['id']}").raise_for_status()
+        expect(panel.locator(".results img")).to_have_count(1)
+        expect(status).to_contain_text("done in")
+
+
+def test_a_queued_job_whose_stream_drops_says_so_until_it_is_back(browser, model_dirs):
+    # The queue poll used to overwrite "reconnecting…" with the job's place 1.5 s later, and a silent
+    # (queued) stream that came back never said so: the page looked fine while no stream was open.
+    settings = server_settings(model_dirs[:1], max_batch=1, engine_policy="serial")
+    with live_server(settings) as live, live.client() as client, open_page(browser, live.url) as page:
+        running = client.post("/sample", json={"n": 8, "stream_every": 0}).json()  # 1000 steps: long
+        wait_for(client, running["id"], lambda job: job["status"] == "running")
+        away = [True]
+        refused: list[str] = []
+        polls: list[str] = []  # the page's GET /jobs/{id}: its place in the queue
+
+        def stream(route: Route) -> None:
+            if away[0]:
+                refused.append(route.request.url)
+                route.abort("connectionrefused")
+            else:
+                route.continue_()
+
+        page.route("**/stream/**", stream)
+        page.on("requestfinished", lambda r: "/jobs/" in r.url and r.method == "GET" and polls.append(r.url))
+        panel = page.locator("#sample")
+        panel.locator("[name=n]").fill("1")
+        panel.locator("[name=steps]").fill("5")
+        panel.get_by_role("button", name="Sample").click()
+        status = panel.locator(".status")
+        expect(status).to_contain_text("reconnecting (try 3)…")  # 1.5 s of back-off so far
+        polled = len(polls)
+        page.wait_for_timeout(1_600)  # the queue is polled every 1.5 s: its answer must keep the warning
+        assert len(polls) > polled
+        expect(status).to_have_text(re.compile(r"^queued \(position 1\); .+: reconnecting \(try [34]\)…$"))
+        away[0] = False
+        # The next try gets through; the job is still queued, so only the page's own event says so.
+        expect(status).to_have_text("queued (position 1)", timeout=20_000)
+        expect(panel.get_by_role("status")).to_have_text("Sample: reconnected")
+        assert len(refused) >= 3
         client.delete(f"/jobs/{running['id']}").raise_for_status()
         expect(panel.locator(".results img")).to_have_count(1)
         expect(status).to_contain_text("done in")

@@ -91,7 +91,8 @@ function parseEvent(block) {
 // The events of /stream/{id}, read with fetch because EventSource cannot send the API key.
 // A dropped connection, a server that is restarting or busy (no answer, 429, 502–504) is tried again
 // with back-off, resuming after the last event seen (Last-Event-ID); before each new try it yields a
-// {event: "reconnecting", data: {attempt, message}} of its own, for the page to say so.
+// {event: "reconnecting", data: {attempt, message}} of its own, for the page to say so, and once a try
+// gets through, a {event: "reconnected"} (a queued job's stream is silent: nothing else would say so).
 const STREAM_TRIES = 7; // consecutive failed connections: about half a minute in all
 
 async function* events(path) {
@@ -113,6 +114,7 @@ async function* events(path) {
       reason = e.message;
       continue;
     }
+    if (failures > 1) yield { id: null, event: "reconnected", data: {} };
     const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = "";
     reason = "the connection closed";

@@ -172,6 +172,8 @@ class JobView {
     this.bar.value = 0;
     this.status.textContent = "submitting…";
     this.first = null;
+    this.waiting = null; // "queued (position 2)", "starting…": the job's state before its first step
+    this.lost = null; // "…: reconnecting (try 2)…" while the stream is down
     this.said = null;
     this.quarter = 0;
   }
@@ -191,17 +193,32 @@ class JobView {
     if (this.first) return; // the stream has spoken since
     this.bar.max = job.progress.steps || 1;
     if (job.status === "queued" && job.queue_position) {
-      this.status.textContent = `queued (position ${job.queue_position})`;
+      this.waiting = `queued (position ${job.queue_position})`;
       if (say) this.announce(`queued, position ${job.queue_position}`);
     } else if (job.status === "queued" || job.status === "running") {
-      this.status.textContent = "starting…"; // out of the queue, no step done yet
+      this.waiting = "starting…"; // out of the queue, no step done yet
       if (job.status === "running") this.announce("started");
-    } // ended (cancelled while queued…): the stream's "done" says how
+    } else return; // ended (cancelled while queued…): the stream's "done" says how
+    this.showWaiting();
+  }
+
+  // Before the first step: the job's place, and that its stream is down if it is (a place in the queue
+  // that keeps being updated must not hide that).
+  showWaiting() {
+    this.status.textContent = [this.waiting, this.lost].filter(Boolean).join("; ");
   }
 
   reconnecting({ attempt, message }) {
-    this.status.textContent = `${message}: reconnecting (try ${attempt})…`;
+    this.lost = `${message}: reconnecting (try ${attempt})…`;
+    if (this.first) this.status.textContent = this.lost;
+    else this.showWaiting();
     this.announce("connection lost, reconnecting");
+  }
+
+  reconnected() {
+    this.lost = null;
+    if (!this.first) this.showWaiting(); // after the first step, the next progress event says it
+    this.announce("reconnected");
   }
 
   progress(event, columns) {
@@ -347,9 +364,10 @@ function jobPanel(panel, { path, body, columns, done = () => {} }) {
       view.queued(job);
       stopWatching = watchQueue(view, job);
       for await (const message of events(job.urls.stream)) {
-        if (message.event !== "reconnecting") stopWatching();
+        if (!message.event.startsWith("reconnect")) stopWatching(); // the job's own news
         if (message.event === "progress") view.progress(message.data, columns);
         else if (message.event === "reconnecting") view.reconnecting(message.data);
+        else if (message.event === "reconnected") view.reconnected();
         else if (message.event === "done") {
           disableCancel();
           await view.finish(message.data, columns);
