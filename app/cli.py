@@ -81,7 +81,7 @@ def _ddim_only_eta(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from app.training.train import TrainConfig, Trainer
+    from app.training.train import StopNow, TrainConfig, Trainer
 
     check_output_folder(args.out, "--out")
     if args.init_from and not (Path(args.out) / "state.pt").exists():  # a resumed run does not read it
@@ -94,13 +94,15 @@ def _train(args: argparse.Namespace) -> None:
     again = shlex.join(["ddpm", *args.argv])
     try:
         model = trainer.run(max_seconds=max_seconds)
-    except KeyboardInterrupt:  # Ctrl-C twice: stopped at once, within a step or a preview
+    except StopNow:  # Ctrl-C twice
         held = trainer.saved_step
-        where = f"{args.out} holds step {held}; the same command resumes: {again}"
-        raise KeyboardInterrupt(
-            f"again: stopped at once at step {trainer.step}, unsaved; "
-            + ("nothing was saved" if held is None else where)
-        ) from None
+        if held == trainer.step:  # it came while a checkpoint was written: nothing lost
+            where = f"saved in {args.out}; the same command resumes: {again}"
+        elif held is None:
+            where = "nothing saved"
+        else:
+            where = f"unsaved; {args.out} holds step {held}; the same command resumes: {again}"
+        raise KeyboardInterrupt(f"again: stopped at once at step {trainer.step}, {where}") from None
     if trainer.stopped_by == signal.SIGINT and trainer.step < trainer.cfg.steps:
         # Saved like a SIGTERM, but a Ctrl-C ends as main() ends every command on one: status 130.
         # (SIGTERM, how a scheduler or `kill` stops a run, stays a clean stop with status 0.)

@@ -183,7 +183,9 @@ class Trainer:
         self.earlier = _earlier_training(cfg.init_from)  # steps and seconds the started-from model had
         self.stopped_by: int | None = None  # the signal (SIGINT, SIGTERM) that ended the last run()
         self.saved_step: int | None = None  # the step state.pt holds
+        self._sigints = 0  # Ctrl-Cs during this run()
         self._saving = False
+        self._stop_now = False  # Ctrl-C again while a checkpoint was being written: stop when it is
         if (self.out / "state.pt").exists():
             self._resume()
         elif cfg.init_from:
@@ -257,9 +259,11 @@ class Trainer:
         self._saving = True
         try:
             self._save()
+            self.saved_step = self.step
         finally:
             self._saving = False
-        self.saved_step = self.step
+        if self._stop_now:
+            raise StopNow
 
     def _save(self) -> None:
         _atomic_save(
@@ -340,22 +344,27 @@ class Trainer:
         return torch.autocast(self.device.type, TRAIN_DTYPES[dtype], enabled=dtype != "float32")
 
     def _on_signal(self, signum, frame) -> None:
-        if self.stopped_by is None or signum != signal.SIGINT:
+        self._sigints += signum == signal.SIGINT
+        if self.stopped_by is None:
             log.warning("signal %d: saving at the end of this step, then stopping", signum)
-            self.stopped_by = self.stopped_by or signum
+            self.stopped_by = signum
+        elif self._sigints < 2:
+            log.warning("signal %d: already stopping at the end of this step", signum)
         elif self._saving:
-            log.warning("Ctrl-C again: a checkpoint is being written; stopping when it is")
-        else:  # a second Ctrl-C: stop now, without waiting for the step (or a preview) to end
-            raise KeyboardInterrupt("again")
+            log.warning("Ctrl-C again: stopping as soon as the checkpoint being written is")
+            self._stop_now = True
+        else:  # a second Ctrl-C: stop now, without waiting for the step to end
+            raise StopNow
 
     def run(self, max_seconds: float | None = None) -> Path:
         """Train to cfg.steps; with `max_seconds`, stop after the first step that ends past that much
         wall time (a checkpoint is saved either way, and the same command resumes). SIGINT and SIGTERM
         stop it the same way, at the end of the step; `stopped_by` then holds the signal. A second SIGINT
-        before then raises KeyboardInterrupt at once, saving nothing more (state.pt holds `saved_step`);
-        while a checkpoint is being written it waits for the write."""
+        before then raises StopNow at once, saving nothing more (state.pt holds `saved_step`); while a
+        checkpoint is being written it waits for the write. No preview is drawn once stopping."""
         cfg = self.cfg
         self.stopped_by = None
+        self._sigints, self._stop_now = 0, False
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self.model.train()
@@ -372,19 +381,24 @@ class Trainer:
                 bar.update(1)
                 if self.step % cfg.checkpoint_every == 0:
                     self.save()
-                if cfg.preview_every and self.step % cfg.preview_every == 0:
+                if cfg.preview_every and self.step % cfg.preview_every == 0 and self.stopped_by is None:
                     self.preview()
                 if deadline is not None and time.monotonic() >= deadline:
                     log.info("time limit of %.0f s reached at step %d", max_seconds, self.step)
                     break
             bar.close()
-            self.save()  # under the handlers still: a Ctrl-C now waits for the write
+            if self.saved_step != self.step:
+                self.save()  # under the handlers still: a Ctrl-C now waits for the write
         finally:
-            bar.close()
             for s, handler in old.items():
                 signal.signal(s, handler)
+            bar.close()
         log.info("step %d: saved %s (%.0f s of training)", self.step, self.out / "model", self.elapsed)
         return self.out / "model"
+
+
+class StopNow(KeyboardInterrupt):
+    """Ctrl-C twice: the run stopped at once (Trainer.saved_step is the step state.pt holds)."""
 
 
 def _earlier_training(init_from: str | None) -> dict[str, float]:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from app.cli import main
-from app.training.train import TrainConfig, Trainer
+from app.training.train import StopNow, TrainConfig, Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -110,35 +110,54 @@ def test_a_second_ctrl_c_stops_at_once_and_saves_nothing_more(tmp_path, monkeypa
     trainer = Trainer(_tiny_run(tmp_path))
     _ctrl_c_twice_in_step(monkeypatch, at_step=3)
     handler = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(StopNow):
         trainer.run()
     assert trainer.step == 3 and trainer.saved_step == 2  # step 4 never ended; the step-2 checkpoint stays
     assert _saved_step(tmp_path / "run") == 2 and Trainer(_tiny_run(tmp_path)).step == 2
     assert signal.getsignal(signal.SIGINT) is handler  # run() put the handlers back
 
 
-def test_a_second_ctrl_c_while_a_checkpoint_is_written_waits_for_it(tmp_path, monkeypatch, caplog):
-    trainer = Trainer(_tiny_run(tmp_path))
-    save = Trainer._save
+def test_a_second_ctrl_c_while_a_checkpoint_is_written_stops_once_it_is(tmp_path, monkeypatch, caplog):
+    trainer = Trainer(_tiny_run(tmp_path, preview_every=2, preview_steps=2))
+    save, previews = Trainer._save, []
 
-    def ctrl_c_again(self):  # the second SIGINT lands mid-write
+    def ctrl_c_again(self):  # the second SIGINT lands while the write is under way
         if self.stopped_by is not None:
             os.kill(os.getpid(), signal.SIGINT)
         save(self)
 
     monkeypatch.setattr(Trainer, "_save", ctrl_c_again)
+    monkeypatch.setattr(Trainer, "preview", lambda self: previews.append(self.step))
     step = Trainer.train_step
 
     def ctrl_c(self, x0):
-        if self.step == 2:
+        if self.step == 3:
             os.kill(os.getpid(), signal.SIGINT)
         return step(self, x0)
 
     monkeypatch.setattr(Trainer, "train_step", ctrl_c)
-    trainer.run()  # no KeyboardInterrupt: the write finished and the run ended as after one Ctrl-C
-    assert trainer.stopped_by == signal.SIGINT and trainer.step == trainer.saved_step == 3
-    assert _saved_step(tmp_path / "run") == 3
-    assert "Ctrl-C again: a checkpoint is being written; stopping when it is" in caplog.text
+    with pytest.raises(StopNow):
+        trainer.run()
+    # Step 4 ended and its checkpoint was written in full; its preview (every 2 steps) was not drawn.
+    assert trainer.step == trainer.saved_step == 4 and previews == [2]
+    assert _saved_step(tmp_path / "run") == 4 and Trainer(_tiny_run(tmp_path)).step == 4
+    assert "Ctrl-C again: stopping as soon as the checkpoint being written is" in caplog.text
+
+
+def test_a_ctrl_c_after_a_sigterm_is_the_first_ctrl_c(tmp_path, monkeypatch, caplog):
+    trainer = Trainer(_tiny_run(tmp_path))
+    step = Trainer.train_step
+
+    def stopped(self, x0):
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, x0)
+
+    monkeypatch.setattr(Trainer, "train_step", stopped)
+    trainer.run()  # the step ends and is saved, as for either signal alone
+    assert trainer.stopped_by == signal.SIGTERM and trainer.step == trainer.saved_step == 3
+    assert "signal 2: already stopping at the end of this step" in caplog.text
 
 
 @pytest.mark.parametrize("at_step", [3, 0])
@@ -158,5 +177,5 @@ def test_ddpm_train_says_what_a_second_ctrl_c_left(tmp_path, monkeypatch, capsys
             f"the same command resumes: {shlex.join(['ddpm', *words])}"
         )
     else:
-        assert said == "ddpm train: interrupted again: stopped at once at step 0, unsaved; nothing was saved"
+        assert said == "ddpm train: interrupted again: stopped at once at step 0, nothing saved"
         assert not (Path(config.out) / "state.pt").exists()
