@@ -350,46 +350,6 @@ def test_a_queued_job_shows_its_place_as_it_moves_up_then_starts(browser, model_
         expect(status).to_contain_text("done in")
 
 
-def test_a_queued_job_whose_stream_drops_says_so_until_it_is_back(browser, model_dirs):
-    # The queue poll used to overwrite "reconnecting…" with the job's place 1.5 s later, and a silent
-    # (queued) stream that came back never said so: the page looked fine while no stream was open.
-    settings = server_settings(model_dirs[:1], max_batch=1, engine_policy="serial")
-    with live_server(settings) as live, live.client() as client, open_page(browser, live.url) as page:
-        running = client.post("/sample", json={"n": 8, "stream_every": 0}).json()  # 1000 steps: long
-        wait_for(client, running["id"], lambda job: job["status"] == "running")
-        away = [True]
-        refused: list[str] = []
-        polls: list[str] = []  # the page's GET /jobs/{id}: its place in the queue
-
-        def stream(route: Route) -> None:
-            if away[0]:
-                refused.append(route.request.url)
-                route.abort("connectionrefused")
-            else:
-                route.continue_()
-
-        page.route("**/stream/**", stream)
-        page.on("requestfinished", lambda r: "/jobs/" in r.url and r.method == "GET" and polls.append(r.url))
-        panel = page.locator("#sample")
-        panel.locator("[name=n]").fill("1")
-        panel.locator("[name=steps]").fill("5")
-        panel.get_by_role("button", name="Sample").click()
-        status = panel.locator(".status")
-        expect(status).to_contain_text("reconnecting (try 3)…")  # 1.5 s of back-off so far
-        polled = len(polls)
-        page.wait_for_timeout(1_600)  # the queue is polled every 1.5 s: its answer must keep the warning
-        assert len(polls) > polled
-        expect(status).to_have_text(re.compile(r"^queued \(position 1\); .+: reconnecting \(try [34]\)…$"))
-        away[0] = False
-        # The next try gets through; the job is still queued, so only the page's own event says so.
-        expect(status).to_have_text("queued (position 1)", timeout=20_000)
-        expect(panel.get_by_role("status")).to_have_text("Sample: reconnected")
-        assert len(refused) >= 3
-        client.delete(f"/jobs/{running['id']}").raise_for_status()
-        expect(panel.locator(".results img")).to_have_count(1)
-        expect(status).to_contain_text("done in")
-
-
 # Records, in order, every text the panel's polite live regions take: what a screen reader would read out.
 LISTEN = """(panel) => {
   (window.listeners || []).forEach((listener) => listener.disconnect());
@@ -429,6 +389,49 @@ def test_a_screen_reader_hears_state_changes_not_every_step(page):
     expect(panel.get_by_role("status")).to_have_text(re.compile(r"Sample: cancelled at step \d+ of 1000"))
     texts = said(page)
     assert texts[0] == "Sample: started" and len(texts) <= 3, texts  # and at most one quarter between
+
+
+def test_a_queued_job_whose_stream_drops_says_so_until_it_is_back(browser, model_dirs):
+    # The queue poll used to overwrite "reconnecting…" with the job's place 1.5 s later, and a silent
+    # (queued) stream that came back never said so: the page looked fine while no stream was open.
+    settings = server_settings(model_dirs[:1], max_batch=1, engine_policy="serial")
+    with live_server(settings) as live, live.client() as client, open_page(browser, live.url) as page:
+        running = client.post("/sample", json={"n": 8, "stream_every": 0}).json()  # 1000 steps: long
+        wait_for(client, running["id"], lambda job: job["status"] == "running")
+        away = [True]
+        refused: list[str] = []
+        polls: list[str] = []  # the page's GET /jobs/{id}: its place in the queue
+
+        def stream(route: Route) -> None:
+            if away[0]:
+                refused.append(route.request.url)
+                route.abort("connectionrefused")
+            else:
+                route.continue_()
+
+        page.route("**/stream/**", stream)
+        page.on("requestfinished", lambda r: "/jobs/" in r.url and r.method == "GET" and polls.append(r.url))
+        page.evaluate(LISTEN, "#sample")
+        panel = page.locator("#sample")
+        panel.locator("[name=n]").fill("1")
+        panel.locator("[name=steps]").fill("5")
+        panel.get_by_role("button", name="Sample").click()
+        status = panel.locator(".status")
+        expect(status).to_contain_text("reconnecting (try 3)…")  # 1.5 s of back-off so far
+        polled = len(polls)
+        page.wait_for_timeout(1_600)  # the queue is polled every 1.5 s: its answer must keep the warning
+        assert len(polls) > polled
+        expect(status).to_have_text(re.compile(r"^queued \(position 1\); .+: reconnecting \(try [34]\)…$"))
+        away[0] = False
+        # The next try gets through; the job is still queued, so only the page's own event says so.
+        expect(status).to_have_text("queued (position 1)", timeout=20_000)
+        texts = [text for text in page.evaluate("window.said") if text]
+        assert texts.count("Sample: queued, position 1") == 1, texts  # once, not after every outage news
+        assert "Sample: connection lost, reconnecting" in texts and texts[-1] == "Sample: reconnected", texts
+        assert len(refused) >= 3
+        client.delete(f"/jobs/{running['id']}").raise_for_status()
+        expect(panel.locator(".results img")).to_have_count(1)
+        expect(status).to_contain_text("done in")
 
 
 def test_no_progress_bar_shows_before_there_is_a_job(page):

@@ -127,8 +127,8 @@ async function* events(path) {
         while ((end = buffer.indexOf("\n\n")) >= 0) {
           const message = parseEvent(buffer.slice(0, end));
           buffer = buffer.slice(end + 2);
+          failures = 1; // this connection worked (a heartbeat too): the next one starts the back-off afresh
           if (!message) continue;
-          failures = 1; // this connection worked: the next one starts the back-off afresh
           if (message.id !== null) lastId = message.id;
           if (message.event === "shutdown") reason = "the server is shutting down";
           yield message;

@@ -173,6 +173,8 @@ class JobView {
     this.status.textContent = "submitting…";
     this.first = null;
     this.waiting = null; // "queued (position 2)", "starting…": the job's state before its first step
+    this.place = null; // the queue position last announced
+    this.running = null; // "step 5 / 100 · t = …": the job's state since
     this.lost = null; // "…: reconnecting (try 2)…" while the stream is down
     this.said = null;
     this.quarter = 0;
@@ -194,30 +196,32 @@ class JobView {
     this.bar.max = job.progress.steps || 1;
     if (job.status === "queued" && job.queue_position) {
       this.waiting = `queued (position ${job.queue_position})`;
-      if (say) this.announce(`queued, position ${job.queue_position}`);
+      if (say && job.queue_position !== this.place) {
+        this.announce(`queued, position ${job.queue_position}`); // once per place, however often asked
+        this.place = job.queue_position;
+      }
     } else if (job.status === "queued" || job.status === "running") {
       this.waiting = "starting…"; // out of the queue, no step done yet
       if (job.status === "running") this.announce("started");
     } else return; // ended (cancelled while queued…): the stream's "done" says how
-    this.showWaiting();
+    this.show();
   }
 
-  // Before the first step: the job's place, and that its stream is down if it is (a place in the queue
-  // that keeps being updated must not hide that).
-  showWaiting() {
-    this.status.textContent = [this.waiting, this.lost].filter(Boolean).join("; ");
+  // Where the job is (its place in the queue, then its step) and, while the stream is down, that it is:
+  // a place in the queue that keeps being updated must not hide that.
+  show() {
+    this.status.textContent = [this.running ?? this.waiting, this.lost].filter(Boolean).join("; ");
   }
 
   reconnecting({ attempt, message }) {
     this.lost = `${message}: reconnecting (try ${attempt})…`;
-    if (this.first) this.status.textContent = this.lost;
-    else this.showWaiting();
+    this.show();
     this.announce("connection lost, reconnecting");
   }
 
   reconnected() {
     this.lost = null;
-    if (!this.first) this.showWaiting(); // after the first step, the next progress event says it
+    this.show();
     this.announce("reconnected");
   }
 
@@ -234,7 +238,8 @@ class JobView {
     this.bar.value = event.step;
     const rate = (event.step - this.first.step) / ((now - this.first.time) / 1000);
     const eta = rate > 0 ? ` · ${formatSeconds((event.steps - event.step) / rate)} left` : "";
-    this.status.textContent = `step ${event.step} / ${event.steps} · t = ${event.t}${eta}`;
+    this.running = `step ${event.step} / ${event.steps} · t = ${event.t}${eta}`;
+    this.show();
     this.previews.hidden = false;
     showGrid(this.previews, event.x0.length, columns(event.x0.length));
     event.x0.forEach((png, k) => {
@@ -364,7 +369,7 @@ function jobPanel(panel, { path, body, columns, done = () => {} }) {
       view.queued(job);
       stopWatching = watchQueue(view, job);
       for await (const message of events(job.urls.stream)) {
-        if (!message.event.startsWith("reconnect")) stopWatching(); // the job's own news
+        if (["progress", "done", "error"].includes(message.event)) stopWatching(); // the job has moved
         if (message.event === "progress") view.progress(message.data, columns);
         else if (message.event === "reconnecting") view.reconnecting(message.data);
         else if (message.event === "reconnected") view.reconnected();
