@@ -108,7 +108,7 @@ class NewJob:
     request: Request
 
     def check_images(self, field: str, count: int) -> None:
-        """400 when a request asks for more images than DDPM_MAX_IMAGES."""
+        """422 (validation_error) when a request asks for more images than DDPM_MAX_IMAGES."""
         if count > self.settings.max_images:
             raise invalid(field, f"at most {self.settings.max_images} images per request (DDPM_MAX_IMAGES)")
 
