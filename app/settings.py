@@ -133,6 +133,12 @@ class Settings(BaseSettings):
         ge=1,
         description="times a job is handed to a worker before it fails and goes to the dead-letter stream",
     )
+    engine_stall_seconds: float = Field(
+        600.0,
+        ge=0,
+        description="ddpm-worker: an engine in one step this long is hung (a stuck device call): the worker "
+        "hands its jobs back and exits non-zero, to be restarted; 0 = never",
+    )
     worker_grace_seconds: float = Field(
         30.0,
         ge=0,

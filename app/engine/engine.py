@@ -125,6 +125,7 @@ class Engine:
         self._stopping = False
         self._admitting: str | None = None  # popped from the queue, not yet in _runs
         self._thread: threading.Thread | None = None
+        self._busy_since: float | None = None  # when the loop's current pass began; None while it waits
         self.forwards = 0
 
     # ---- thread-safe control surface -------------------------------------------------------
@@ -194,6 +195,12 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def stalled_for(self) -> float:
+        """Seconds the loop has spent in its current pass (a step of the running batch, admitting jobs):
+        a pass that never ends is a hung engine (a stuck device call). 0 while it waits for work."""
+        since = self._busy_since
+        return 0.0 if since is None else time.monotonic() - since
+
     # ---- the loop ---------------------------------------------------------------------------
     def _loop(self) -> None:
         log.info(
@@ -206,11 +213,13 @@ class Engine:
         )
         while True:
             with self._cond:
+                self._busy_since = None
                 while not self._stopping and not self._queue and not self._active and not self._cancelled:
                     self._cond.wait()
                 if self._stopping:
                     return
                 cancelled, self._cancelled = self._cancelled, set()
+                self._busy_since = time.monotonic()
             self._apply_cancellations(cancelled)
             self._admit()
             ENGINE_SLOTS.labels(self.name, "running").set(self.running)

@@ -46,3 +46,7 @@ class EnginePool:
     @property
     def alive(self) -> bool:
         return all(engine.alive for engine in self.engines.values())
+
+    def stalled(self, limit: float) -> list[str]:
+        """The models whose engine has been in one pass of its loop (one step) for over `limit` seconds."""
+        return [name for name, engine in self.engines.items() if engine.stalled_for() > limit]

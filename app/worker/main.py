@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
             cleanup.callback(metrics.shutdown)  # first: stop answering, then close
         worker.run()
     if worker.engine_died:
-        sys.exit("ddpm-worker: an engine thread died (see the log); its jobs were handed back")
+        sys.exit("ddpm-worker: an engine thread died or hung (see the log); its jobs were handed back")
 
 
 def serve_metrics(server: Any) -> Any:

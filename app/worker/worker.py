@@ -109,7 +109,7 @@ class Worker:
         self._stopping.set()
 
     def run(self) -> None:
-        """Serve until `stop()` (or until an engine thread dies: `engine_died`), then shut down gracefully;
+        """Serve until `stop()` (or until an engine thread dies or hangs: `engine_died`), then shut down;
         returns when everything has stopped."""
         self.pool.start()
         self._update_device_memory()  # the models are on the device: their weights are in the first reading
@@ -157,6 +157,17 @@ class Worker:
         while not self._stopping.is_set():
             if not self.pool.alive:  # its jobs would never end: give them to others and exit non-zero
                 log.error("worker %s: an engine thread died; handing its jobs back and exiting", self.name)
+                self.engine_died = True
+                return
+            limit = self.settings.engine_stall_seconds
+            if limit and (hung := self.pool.stalled(limit)):  # alive, but its jobs would never end either
+                log.error(
+                    "worker %s: the engine of %s has been in one step for over %.0f s "
+                    "(DDPM_ENGINE_STALL_SECONDS); handing its jobs back and exiting",
+                    self.name,
+                    ", ".join(hung),
+                    limit,
+                )
                 self.engine_died = True
                 return
             try:

@@ -169,6 +169,64 @@ async def test_a_worker_whose_engine_died_hands_its_jobs_back_and_stops(dispatch
     assert not r.exists(KEYS.worker("w"))  # and gone from the live workers
 
 
+async def test_a_worker_whose_engine_hangs_in_a_step_hands_its_jobs_back_and_stops(
+    dispatcher, r, redis_server, caplog
+):
+    # Alive but stuck (a device call that never returns): heartbeats would keep its claims for ever.
+    worker = Worker(
+        settings(redis_server, engine_stall_seconds=1.0), {"tiny": tiny_checkpoint(timesteps=50)}, r, name="w"
+    )
+    engine = worker.pool.engines["tiny"]
+    stuck, release = threading.Event(), threading.Event()
+
+    class Hanging:  # the engine's forward, but its fourth step of the job never ends
+        def __init__(self, forward):
+            self.forward = forward
+
+        def __getattr__(self, name):
+            return getattr(self.forward, name)
+
+        def __call__(self, x, t):
+            if engine.forwards == 3:
+                stuck.set()
+                release.wait(60)
+            return self.forward(x, t)
+
+    engine.forward = Hanging(engine.forward)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        job = await submit(dispatcher, n=2, steps=50)
+        assert await asyncio.to_thread(stuck.wait, 20)
+        started = time.monotonic()
+        await asyncio.to_thread(thread.join, 20)
+        assert not thread.is_alive() and worker.engine_died
+        assert time.monotonic() - started >= 0.9  # not before the limit
+        assert "the engine of tiny has been in one step for over 1 s" in caplog.text
+        [pending] = r.xpending_range(KEYS.queue("tiny"), GROUP, min="-", max="+", count=10)
+        assert pending["time_since_delivered"] > 400  # handed back: others take it over at once
+        assert status(r, job.id) == "running" and not r.exists(KEYS.worker("w"))
+    finally:
+        release.set()
+        thread.join(20)
+
+
+def test_an_engine_waiting_for_work_is_not_stalled():
+    from app.engine.pool import EnginePool
+
+    class Silent:
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: None
+
+    pool = EnginePool({"tiny": tiny_checkpoint(timesteps=50)}, listener=Silent())
+    pool.start()
+    try:
+        time.sleep(0.3)
+        assert pool.engines["tiny"].stalled_for() == 0.0 and pool.stalled(0.1) == []
+    finally:
+        pool.stop(5)
+
+
 async def test_consumers_of_vanished_workers_are_forgotten_unless_they_hold_entries(
     dispatcher, r, redis_server
 ):
