@@ -136,8 +136,8 @@ class Settings(BaseSettings):
     engine_stall_seconds: float = Field(
         600.0,
         ge=0,
-        description="ddpm-worker: an engine in one step this long is hung (a stuck device call): the worker "
-        "hands its jobs back and exits non-zero, to be restarted; 0 = never",
+        description="an engine in one step this long is hung (a stuck device call): ddpm-worker hands its "
+        "jobs back and exits non-zero, to be restarted; ddpm-serve (embedded) answers /readyz 503; 0 = never",
     )
     worker_grace_seconds: float = Field(
         30.0,

@@ -120,7 +120,13 @@ class LocalDispatcher:
 
     async def unready(self) -> str | None:
         dead = [name for name, engine in self.pool.engines.items() if not engine.alive]
-        return f"engine not running for model(s): {', '.join(dead)}" if dead else None
+        if dead:
+            return f"engine not running for model(s): {', '.join(dead)}"
+        limit = self.settings.engine_stall_seconds
+        if limit and (hung := self.pool.stalled(limit)):
+            setting = "DDPM_ENGINE_STALL_SECONDS"
+            return f"engine of {', '.join(hung)} in one step for over {limit:g} s ({setting}): hung?"
+        return None
 
     def queued(self) -> int:
         return sum(engine.queued for engine in self.pool.engines.values())

@@ -100,6 +100,23 @@ def test_a_job_is_visible_only_to_the_key_that_made_it(secured):
         assert alice.post("/reconstruct", json={"job": job["id"], "t": 3, "n": 1}).status_code == 202
 
 
+def test_an_engine_hung_in_a_step_makes_readyz_503(model_dirs, monkeypatch):
+    with (
+        live_server(server_settings(model_dirs[:1], engine_stall_seconds=0.5)) as live,
+        live.client() as client,
+    ):
+        engine = live.app.state.service.dispatcher.pool.engines["tiny"]
+        assert client.get("/readyz").status_code == 200
+        monkeypatch.setattr(engine, "stalled_for", lambda: 0.6)  # as if one step had lasted that long
+        response = client.get("/readyz")
+        assert response.status_code == 503
+        assert response.json()["error"]["message"] == (
+            "engine of tiny in one step for over 0.5 s (DDPM_ENGINE_STALL_SECONDS): hung?"
+        )
+        monkeypatch.setattr(engine, "stalled_for", lambda: 0.4)
+        assert client.get("/readyz").status_code == 200
+
+
 def test_jobs_expire_and_an_engine_that_stopped_makes_readyz_503(model_dirs):
     with live_server(server_settings(model_dirs[:1], job_ttl_seconds=1)) as live, live.client() as client:
         job = client.post("/sample", params={"wait": "true"}, json={"steps": 2}).json()
