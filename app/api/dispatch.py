@@ -150,7 +150,9 @@ class LocalDispatcher:
         if engine is None or not engine.alive:
             return CancelOutcome.NO_RUNNER
         accepted = await asyncio.to_thread(self.pool.cancel, job.id, job.model)
-        return CancelOutcome.REQUESTED if accepted else CancelOutcome.NOT_FOUND
+        if accepted or self.runner.ending(job.id):  # ended already: its end is on its way, wait for it
+            return CancelOutcome.REQUESTED
+        return CancelOutcome.NOT_FOUND
 
     def queue_position(self, job: JobRecord) -> int | None:
         engine = self.pool.engines.get(job.model)

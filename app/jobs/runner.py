@@ -61,7 +61,8 @@ class JobRunner:
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ddpm-encode-{i}") for i in range(encoders)
         ]
         self._watched: dict[str, _Watched] = {}
-        self._lock = threading.Lock()  # guards _watched: written by the event loop, read by the engine
+        self._ending: set[str] = set()  # jobs the engine has ended whose end is not in the store yet
+        self._lock = threading.Lock()  # guards _watched and _ending: the event loop's and the engine's
         self._tails: dict[str, asyncio.Task[None]] = {}  # event loop only
 
     def watch(self, work: Work) -> None:
@@ -80,6 +81,12 @@ class JobRunner:
         """Drop a job the engine never accepted."""
         with self._lock:
             self._watched.pop(job_id, None)
+
+    def ending(self, job_id: str) -> bool:
+        """Whether the engine has ended the job and its end (results, status) is on its way to the store:
+        a cancel then has nothing to stop, and must wait for that end rather than overwrite it."""
+        with self._lock:
+            return job_id in self._ending
 
     # Listener: called on the engine thread.
 
@@ -112,7 +119,7 @@ class JobRunner:
         self._post(job_id, encode, apply)
 
     def on_finished(self, job_id: str, images: torch.Tensor, extra: dict[str, Any]) -> None:
-        watched, finished = self._pop(job_id), utcnow()
+        watched, finished = self._end(job_id), utcnow()
         columns = watched.grid_columns if watched is not None else None
         steps = watched.steps if watched is not None else 0
 
@@ -131,10 +138,10 @@ class JobRunner:
                 job.kind, job.model, "succeeded", job.started_at, finished, images=int(images.shape[0])
             )
 
-        self._post(job_id, encode, apply)
+        self._post(job_id, encode, apply, ends=True)
 
     def on_failed(self, job_id: str, code: str, message: str) -> None:
-        self._pop(job_id)
+        self._end(job_id)
         finished = utcnow()
 
         async def apply(_: None) -> None:
@@ -143,10 +150,10 @@ class JobRunner:
             await self._store.append_event(job_id, EventType.ERROR, error)
             self._count(job.kind, job.model, "failed", job.started_at, finished)
 
-        self._post(job_id, None, apply)
+        self._post(job_id, None, apply, ends=True)
 
     def on_cancelled(self, job_id: str) -> None:
-        self._pop(job_id)
+        self._end(job_id)
         finished = utcnow()
 
         async def apply(_: None) -> None:
@@ -154,7 +161,7 @@ class JobRunner:
             await self._store.append_event(job_id, EventType.DONE, {"status": str(job.status)})
             self._count(job.kind, job.model, "cancelled", job.started_at, finished)
 
-        self._post(job_id, None, apply)
+        self._post(job_id, None, apply, ends=True)
 
     # Plumbing.
 
@@ -162,9 +169,14 @@ class JobRunner:
         with self._lock:
             return self._watched.get(job_id)
 
-    def _pop(self, job_id: str) -> _Watched | None:
+    def _end(self, job_id: str) -> _Watched | None:
         with self._lock:
+            self._ending.add(job_id)
             return self._watched.pop(job_id, None)
+
+    def _ended(self, job_id: str) -> None:
+        with self._lock:
+            self._ending.discard(job_id)
 
     @staticmethod
     def _count(kind: str, model: str, outcome: str, started: Any, finished: Any, *, images: int = 0) -> None:
@@ -174,22 +186,29 @@ class JobRunner:
         if images:
             metrics.IMAGES.labels(model=model).inc(images)
 
-    def _post(self, job_id: str, encode: Callable[[], Any] | None, apply: Apply) -> None:
-        """Encode on the job's encoder thread, then apply on the event loop after the job's earlier writes."""
+    def _post(
+        self, job_id: str, encode: Callable[[], Any] | None, apply: Apply, *, ends: bool = False
+    ) -> None:
+        """Encode on the job's encoder thread, then apply on the event loop after the job's earlier writes.
+        `ends`: this is the job's end; it stops being `ending` once applied."""
         encoder = self._encoders[zlib.crc32(job_id.encode()) % len(self._encoders)]
         try:
-            encoder.submit(self._encode_then_hop, job_id, encode, apply)
+            encoder.submit(self._encode_then_hop, job_id, encode, apply, ends)
         except RuntimeError:
             log.warning("job %s: update after the runner closed, dropped", job_id)
+            if ends:
+                self._ended(job_id)
 
-    def _encode_then_hop(self, job_id: str, encode: Callable[[], Any] | None, apply: Apply) -> None:
+    def _encode_then_hop(
+        self, job_id: str, encode: Callable[[], Any] | None, apply: Apply, ends: bool
+    ) -> None:
         try:
             payload = encode() if encode is not None else None
         except Exception as e:
             log.exception("job %s: encoding its output failed", job_id)
             payload, apply = None, self._failure(job_id, e)
         try:
-            self._loop.call_soon_threadsafe(self._chain, job_id, apply, payload)
+            self._loop.call_soon_threadsafe(self._chain, job_id, apply, payload, ends)
         except RuntimeError:  # the event loop is closed: the process is shutting down
             log.warning("job %s: update after the event loop closed, dropped", job_id)
 
@@ -202,9 +221,11 @@ class JobRunner:
 
         return apply
 
-    def _chain(self, job_id: str, apply: Apply, payload: Any) -> None:
+    def _chain(self, job_id: str, apply: Apply, payload: Any, ends: bool) -> None:
         previous = self._tails.get(job_id)
         task = self._loop.create_task(self._after(previous, job_id, apply, payload))
+        if ends:
+            task.add_done_callback(lambda _: self._ended(job_id))
         self._tails[job_id] = task
         task.add_done_callback(lambda done: self._untail(job_id, done))
 

@@ -267,6 +267,31 @@ def test_cancel_a_queued_and_a_running_job(client):
     assert client.get(f"/jobs/{running['id']}/images/0.png").status_code == 409
 
 
+def test_deleting_a_job_whose_end_is_being_recorded_answers_its_end(live, client, monkeypatch):
+    # The engine has finished the job but its images are still being encoded: nothing runs it any more,
+    # yet it is not cancelled, and the answer must be what it ended as (it used to be "cancelled",
+    # with its results stored but never downloadable).
+    import app.jobs.runner as runner_module
+
+    encode = runner_module.result_blobs
+
+    def slow(*args, **kwargs):
+        time.sleep(4)  # longer than the two 1 s looks of a cancel that finds no running job
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "result_blobs", slow)
+    runner = live.app.state.service.dispatcher.runner
+    job = post_sample(client, n=1, steps=2)
+    deadline = time.monotonic() + 30
+    while not runner.ending(job["id"]):
+        assert time.monotonic() < deadline, "the engine did not finish the job"
+        time.sleep(0.01)
+    response = client.delete(f"/jobs/{job['id']}")
+    assert response.status_code == 200 and response.json()["status"] == "succeeded", response.text
+    assert client.get(f"/jobs/{job['id']}/images/0.png").status_code == 200
+    assert not runner.ending(job["id"])
+
+
 def test_deleting_a_finished_job_answers_its_final_status(client):
     job = client.post("/sample", params={"wait": "true"}, json={"n": 1, "steps": 2}).json()
     response = client.delete(f"/jobs/{job['id']}")
