@@ -220,12 +220,22 @@ class Engine:
                     return
                 cancelled, self._cancelled = self._cancelled, set()
                 self._busy_since = time.monotonic()
-            self._apply_cancellations(cancelled)
-            self._admit()
-            ENGINE_SLOTS.labels(self.name, "running").set(self.running)
-            ENGINE_SLOTS.labels(self.name, "waiting").set(sum(rows_needed(w) for w in list(self._queue)))
-            if self._active:
-                self._iterate()
+            try:
+                self._apply_cancellations(cancelled)
+                self._admit()
+                self._count_slots()
+                if self._active:
+                    self._iterate()
+            except Exception as e:  # a fault outside any one job's code: its jobs fail, the engine goes on
+                log.exception("engine %s: a step failed outside any job", self.name)
+                for job_id in list(self._runs):
+                    self._fail(job_id, "engine_error", f"{type(e).__name__}: {e}")
+                self._active = []
+            self._count_slots()  # also after the last job ended: the gauges go back to 0
+
+    def _count_slots(self) -> None:
+        ENGINE_SLOTS.labels(self.name, "running").set(self.running)
+        ENGINE_SLOTS.labels(self.name, "waiting").set(sum(rows_needed(w) for w in list(self._queue)))
 
     def _apply_cancellations(self, job_ids: set[str]) -> None:
         for job_id in job_ids:
@@ -371,21 +381,29 @@ class Engine:
 
     def _advance_runs(self, active: list[Group], previews: dict[Group, tuple[Tensor, Tensor]]) -> None:
         for run in {self._runs[g.job_id] for g in active if g.job_id in self._runs}:
-            run.step += 1
-            mine = [g for g in run.groups if g in previews]
-            t = mine[0].plan_t[mine[0].pos - 1]
-            every = run.stream_every
-            if every and (run.step % every == 0 or run.step == run.steps):
-                xt = torch.cat([previews[g][0] for g in mine]).float().cpu()
-                x0 = torch.cat([previews[g][1] for g in mine]).float().cpu()
-                self.listener.on_progress(run.job_id, run.step, run.steps, t, x0, xt)
-                run.reported = time.monotonic()
-            elif time.monotonic() - run.reported >= PROGRESS_INTERVAL:  # a cheap report, no images
-                self.listener.on_progress(run.job_id, run.step, run.steps, t, None, None)
-                run.reported = time.monotonic()
+            try:
+                self._report(run, previews)
+            except Exception as e:  # its previews (a device error surfacing at .cpu()): this job fails
+                log.error("job %s failed: %s", run.job_id, traceback.format_exc())
+                self._fail(run.job_id, "job_error", f"{type(e).__name__}: {e}")
+                continue
             if all(g.remaining == 0 for g in run.groups):
                 self._next_phase(run)
         self._active = [g for g in self._active if g.remaining > 0 and g.job_id in self._runs]
+
+    def _report(self, run: Run, previews: dict[Group, tuple[Tensor, Tensor]]) -> None:
+        run.step += 1
+        mine = [g for g in run.groups if g in previews]
+        t = mine[0].plan_t[mine[0].pos - 1]
+        every = run.stream_every
+        if every and (run.step % every == 0 or run.step == run.steps):
+            xt = torch.cat([previews[g][0] for g in mine]).float().cpu()
+            x0 = torch.cat([previews[g][1] for g in mine]).float().cpu()
+            self.listener.on_progress(run.job_id, run.step, run.steps, t, x0, xt)
+            run.reported = time.monotonic()
+        elif time.monotonic() - run.reported >= PROGRESS_INTERVAL:  # a cheap report, no images
+            self.listener.on_progress(run.job_id, run.step, run.steps, t, None, None)
+            run.reported = time.monotonic()
 
     def _next_phase(self, run: Run) -> None:
         results = [g.result for g in run.groups]
@@ -394,14 +412,22 @@ class Engine:
                 raise JobFailed("non_finite", "the model produced NaN or infinite values")
             self._enter_phase(run, run.program.send(results))
         except StopIteration as done:
-            images, extra = done.value
-            self._runs.pop(run.job_id, None)
-            self.listener.on_finished(run.job_id, images.float().cpu(), extra)
+            self._finish(run, *done.value)
         except JobFailed as e:
             self._fail(run.job_id, e.code, str(e))
         except Exception as e:
             log.error("job %s failed: %s", run.job_id, traceback.format_exc())
             self._fail(run.job_id, "job_error", f"{type(e).__name__}: {e}")
+
+    def _finish(self, run: Run, images: Tensor, extra: dict) -> None:
+        try:
+            images = images.float().cpu()
+        except Exception as e:  # a device error surfacing at the copy: this job fails
+            log.error("job %s failed: %s", run.job_id, traceback.format_exc())
+            self._fail(run.job_id, "job_error", f"{type(e).__name__}: {e}")
+            return
+        self._runs.pop(run.job_id, None)
+        self.listener.on_finished(run.job_id, images, extra)
 
     def _fail(self, job_id: str, code: str, message: str) -> None:
         run = self._runs.pop(job_id, None)

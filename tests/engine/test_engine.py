@@ -1,3 +1,5 @@
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -103,6 +105,49 @@ def test_a_failing_job_fails_alone(engine_factory):
     assert _images(rec, "good").shape == (2, 1, 8, 8)
     engine.submit(sample_work("after", n=1, steps=3))
     assert _images(rec, "after").isfinite().all()
+
+
+def test_a_job_whose_previews_fail_fails_alone_and_the_slots_gauge_empties(engine_factory):
+    from prometheus_client import REGISTRY
+
+    engine, rec = engine_factory()
+    report = rec.on_progress
+
+    def on_progress(job_id, step, steps, t, x0, xt):
+        if job_id == "bad" and step == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        report(job_id, step, steps, t, x0, xt)
+
+    rec.on_progress = on_progress
+    engine.submit(sample_work("bad", n=1, steps=5, stream_every=1))
+    engine.submit(sample_work("good", n=2, steps=5, stream_every=1))
+    engine.start()
+    outcome, (code, message) = rec.wait("bad")
+    assert (outcome, code) == ("failed", "job_error") and "illegal memory access" in message
+    assert _images(rec, "good").shape == (2, 1, 8, 8) and engine.alive
+    running = {"model": "tiny", "state": "running"}
+    deadline = time.monotonic() + 10
+    while REGISTRY.get_sample_value("ddpm_engine_slots", running) != 0:  # set once the last job ended
+        assert time.monotonic() < deadline, REGISTRY.get_sample_value("ddpm_engine_slots", running)
+        time.sleep(0.01)
+
+
+def test_a_fault_outside_any_job_fails_the_running_jobs_and_the_engine_goes_on(engine_factory, monkeypatch):
+    engine, rec = engine_factory()
+    advance = engine._advance_runs
+    broken = [True]
+
+    def once_broken(active, previews):
+        if broken.pop() if broken else False:
+            raise RuntimeError("a bug between steps")
+        advance(active, previews)
+
+    monkeypatch.setattr(engine, "_advance_runs", once_broken)
+    engine.submit(sample_work("caught", n=1, steps=5))
+    engine.start()
+    assert rec.wait("caught")[1] == ("engine_error", "RuntimeError: a bug between steps")
+    engine.submit(sample_work("after", n=1, steps=3))
+    assert _images(rec, "after").isfinite().all() and engine.alive
 
 
 def test_previews_every_k_steps_and_the_last_carry_x0_and_xt(engine_factory):
