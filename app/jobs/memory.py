@@ -46,6 +46,7 @@ class MemoryJobStore:
         self._next_sweep = 0.0
 
     def _live(self, job_id: str) -> _Entry | None:
+        self._sweep()  # every access (at most once a second) drops the expired jobs, blobs and events
         entry = self._jobs.get(job_id)
         if entry is not None and entry.expires_at <= self._clock():
             self._drop(job_id)
@@ -76,7 +77,6 @@ class MemoryJobStore:
         return entry
 
     async def create(self, job: JobRecord) -> None:
-        self._sweep()
         if self._live(job.id) is not None:
             raise ValueError(f"job {job.id} already exists")
         self._jobs[job.id] = _Entry(copy.deepcopy(job), self._clock() + self.ttl_seconds)
