@@ -393,12 +393,14 @@ class Engine:
 
     def _report(self, run: Run, previews: dict[Group, tuple[Tensor, Tensor]]) -> None:
         run.step += 1
-        mine = [g for g in run.groups if g in previews]
-        t = mine[0].plan_t[mine[0].pos - 1]
+        t = max(g.plan_t[g.pos - 1] for g in run.groups if g in previews)  # the longest chain's
         every = run.stream_every
         if every and (run.step % every == 0 or run.step == run.steps):
-            xt = torch.cat([previews[g][0] for g in mine]).float().cpu()
-            x0 = torch.cat([previews[g][1] for g in mine]).float().cpu()
+            # Every image of the phase, in order: a shorter chain that has ended (interpolation at
+            # several t) shows its result, so a preview always holds one image per image.
+            shown = [previews.get(g) or (g.result, g.result) for g in run.groups]
+            xt = torch.cat([x for x, _ in shown]).float().cpu()
+            x0 = torch.cat([x for _, x in shown]).float().cpu()
             self.listener.on_progress(run.job_id, run.step, run.steps, t, x0, xt)
             run.reported = time.monotonic()
         elif time.monotonic() - run.reported >= PROGRESS_INTERVAL:  # a cheap report, no images

@@ -201,6 +201,22 @@ def test_interpolation_endpoints_are_reconstructions(engine_factory):
     assert not torch.allclose(rows[1], rows[0])
 
 
+def test_previews_of_an_interpolation_at_several_t_hold_every_image_at_every_step(engine_factory):
+    engine, rec = engine_factory()
+    engine.start()
+    rng = np.random.default_rng(0)
+    a, b = (rng.uniform(-1, 1, (1, 8, 8)).astype(np.float32) for _ in range(2))
+    params = {"t": [5, 30], "lambdas": [0.0, 1.0], "steps": None, "seed": 3, "stream_every": 1}
+    engine.submit(Work(job_id="i", kind="interpolate", model="tiny", params=params, inputs={"a": a, "b": b}))
+    rows = _images(rec, "i")
+    progress = rec.of("progress", "i")
+    assert len(progress) == 30  # the t = 30 chain's steps; the t = 5 chain ended after 5 of them
+    assert all(e[5].shape == e[6].shape == (4, 1, 8, 8) for e in progress), [e[5].shape for e in progress]
+    assert [e[4] for e in progress] == list(range(29, -1, -1))  # the t of the chain still running
+    torch.testing.assert_close(progress[10][5][:2], rows[:2])  # the short chain's rows: its result
+    torch.testing.assert_close(progress[-1][5], rows)
+
+
 def test_interpolation_from_seeds_samples_the_sources_first(engine_factory, tiny_ckpt):
     engine, rec = engine_factory()
     engine.start()
