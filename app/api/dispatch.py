@@ -109,6 +109,7 @@ class LocalDispatcher:
             policy=settings.engine_policy,
             fast=settings.fast_path(),
         )
+        runner.stop_job = pool.cancel
         pool.start()
         return cls(settings, store, pool, runner)
 

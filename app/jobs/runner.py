@@ -62,6 +62,8 @@ class JobRunner:
         ]
         self._watched: dict[str, _Watched] = {}
         self._ending: set[str] = set()  # jobs the engine has ended whose end is not in the store yet
+        self._broken: set[str] = set()  # jobs failed for output that could not be encoded: drop the rest
+        self.stop_job: Callable[[str, str], object] | None = None  # (job id, model): cancel in the engine
         self._lock = threading.Lock()  # guards _watched and _ending: the event loop's and the engine's
         self._tails: dict[str, asyncio.Task[None]] = {}  # event loop only
 
@@ -202,11 +204,25 @@ class JobRunner:
     def _encode_then_hop(
         self, job_id: str, encode: Callable[[], Any] | None, apply: Apply, ends: bool
     ) -> None:
+        with self._lock:
+            broken = job_id in self._broken
+            if broken and ends:
+                self._broken.discard(job_id)
+        if broken:  # it failed already: what the engine still sends (until it stops it) is dropped
+            if ends:
+                self._ended(job_id)
+            return
         try:
             payload = encode() if encode is not None else None
         except Exception as e:
             log.exception("job %s: encoding its output failed", job_id)
             payload, apply = None, self._failure(job_id, e)
+            if not ends:  # a preview: the job is still running; stop it, and record nothing more of it
+                with self._lock:
+                    self._broken.add(job_id)
+                    watched = self._watched.get(job_id)
+                if self.stop_job is not None and watched is not None:
+                    self.stop_job(job_id, watched.model)
         try:
             self._loop.call_soon_threadsafe(self._chain, job_id, apply, payload, ends)
         except RuntimeError:  # the event loop is closed: the process is shutting down
@@ -215,9 +231,10 @@ class JobRunner:
     def _failure(self, job_id: str, error: Exception) -> Apply:
         async def apply(_: None) -> None:
             message = f"could not encode the job's images: {error}"
-            details = {"code": "encoding_failed", "message": message}
-            await self._store.update(job_id, status=Status.FAILED, finished_at=utcnow(), error=details)
+            details, finished = {"code": "encoding_failed", "message": message}, utcnow()
+            job = await self._store.update(job_id, status=Status.FAILED, finished_at=finished, error=details)
             await self._store.append_event(job_id, EventType.ERROR, details)
+            self._count(job.kind, job.model, "failed", job.started_at, finished)
 
         return apply
 

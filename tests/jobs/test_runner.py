@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from app import metrics
 from app.engine.work import Work
 from app.jobs import EventType, JobRecord, MemoryJobStore, Status
 from app.jobs.runner import JobRunner
@@ -206,3 +207,39 @@ async def test_a_likelihood_result_is_its_numbers_without_images():
     assert job.status is Status.SUCCEEDED and events[-1].type is EventType.DONE
     assert job.result == {**extra, "image_count": 0}
     assert await store.get_result("l1", "grid.png") is None and await store.get_result("l1", "0.npy") is None
+
+
+async def test_a_preview_that_cannot_be_encoded_fails_the_job_stops_it_and_nothing_follows(monkeypatch):
+    import app.jobs.runner as runner_module
+
+    store = MemoryJobStore(ttl_seconds=60)
+    runner = await start(store, "e1")
+    stopped: list[tuple[str, str]] = []
+    stop = threading.Event()
+    runner.stop_job = lambda job_id, model: (stopped.append((job_id, model)), stop.set())
+    encode = runner_module.preview_pngs
+
+    def broken(x):
+        if float(x.mean()) == 0.25:  # step 2's preview
+            raise MemoryError("out of memory encoding a PNG")
+        return encode(x)
+
+    monkeypatch.setattr(runner_module, "preview_pngs", broken)
+    failed = metrics.JOBS.labels(kind="sample", outcome="failed")
+    before = failed._value.get()
+
+    def engine() -> None:
+        runner.on_started("e1", 4)
+        for step in (1, 2, 3):  # the engine goes on until the cancel reaches it
+            runner.on_progress("e1", step, 4, 4 - step, frames(2, step / 4 - 0.25), frames(2, 0.0))
+        assert stop.wait(5), "the runner did not stop the job"
+        runner.on_cancelled("e1")
+
+    await on_engine_thread(engine)
+    events = await finish(store, runner, "e1")
+    assert [e.type for e in events] == [EventType.PROGRESS, EventType.ERROR]  # nothing after the error
+    assert events[-1].data["code"] == "encoding_failed" and "out of memory" in events[-1].data["message"]
+    job = await store.get("e1", owner=None)
+    assert job.status is Status.FAILED and job.step == 1
+    assert stopped == [("e1", "tiny")] and failed._value.get() == before + 1
+    assert not runner.ending("e1") and runner._broken == set()
