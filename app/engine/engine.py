@@ -324,6 +324,10 @@ class Engine:
         return self.reserved + rows_needed(work) <= self.max_batch
 
     def _enter_phase(self, run: Run, groups: list[Group]) -> None:
+        with torch.inference_mode():  # each chain's step table now: one that cannot be made fails its job
+            for g in groups:
+                if isinstance(g, ChainGroup):
+                    g.table(self.schedule)
         run.groups = groups
         self._active.extend(groups)
 

@@ -150,6 +150,25 @@ def test_a_fault_outside_any_job_fails_the_running_jobs_and_the_engine_goes_on(e
     assert _images(rec, "after").isfinite().all() and engine.alive
 
 
+def test_a_job_whose_step_table_cannot_be_made_fails_alone(engine_factory, monkeypatch):
+    import app.engine.groups as groups
+
+    table = groups.chain_table
+
+    def failing(*args, **kwargs):
+        if kwargs["eta"] == 0.25:  # the bad job's marker
+            raise RuntimeError("pinned memory exhausted")
+        return table(*args, **kwargs)
+
+    monkeypatch.setattr(groups, "chain_table", failing)
+    engine, rec = engine_factory()
+    engine.submit(sample_work("good", n=2, steps=5, sampler="ddim"))
+    engine.submit(sample_work("bad", n=1, steps=5, sampler="ddim", eta=0.25))
+    engine.start()
+    assert rec.wait("bad")[1] == ("invalid_job", "could not start: pinned memory exhausted")  # at set-up
+    assert _images(rec, "good").shape == (2, 1, 8, 8)
+
+
 def test_previews_every_k_steps_and_the_last_carry_x0_and_xt(engine_factory):
     engine, rec = engine_factory()
     engine.start()
