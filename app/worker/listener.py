@@ -125,7 +125,14 @@ class RedisListener:
         started = watched.started if watched is not None else None
 
         def write() -> None:
-            blobs = result_blobs(images, grid_columns=grid_columns(work) if work is not None else None)
+            try:
+                blobs = result_blobs(images, grid_columns=grid_columns(work) if work is not None else None)
+            except Exception as e:  # the job fails, and ends: its slot frees and its entry is acknowledged
+                log.exception("job %s: encoding its images failed", job_id)
+                error = {"code": "encoding_failed", "message": f"could not encode the job's images: {e}"}
+                fields = {"finished_at": finished, "error": error}
+                self._end(job_id, work, Status.FAILED, (EventType.ERROR, error), fields, started=started)
+                return
             count = int(images.shape[0])
             fields = {
                 "finished_at": finished,

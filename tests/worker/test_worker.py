@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -114,6 +115,39 @@ async def test_a_running_job_is_cancelled_within_a_step_and_a_cancelled_queued_o
         assert status(r, queued.id) == "cancelled" and r.hget(KEYS.job(queued.id), "started_at") == b"null"
         assert final_events(r, running.id) == [b"done"] and final_events(r, queued.id) == [b"done"]
         assert r.xlen(KEYS.queue("tiny")) == 0 and r.xpending(KEYS.queue("tiny"), GROUP)["pending"] == 0
+    finally:
+        worker.stop()
+        thread.join(30)
+    assert not thread.is_alive()
+
+
+async def test_a_job_whose_images_cannot_be_encoded_fails_and_frees_its_rows(
+    dispatcher, r, redis_server, monkeypatch
+):
+    import app.worker.listener as listener
+
+    def broken(images, **kwargs):
+        raise MemoryError("out of memory encoding a PNG")
+
+    monkeypatch.setattr(listener, "result_blobs", broken)
+    worker = Worker(settings(redis_server), {"tiny": tiny_checkpoint(timesteps=50)}, r, name="w")
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        job = await submit(dispatcher, n=8, steps=5)  # all of the worker's 8 rows
+        deadline = time.monotonic() + 20
+        while status(r, job.id) != "failed":
+            assert time.monotonic() < deadline, status(r, job.id)  # it stayed running, claimed, for ever
+            await asyncio.sleep(0.01)
+        error = json.loads(r.hget(KEYS.job(job.id), "error"))
+        assert error == {
+            "code": "encoding_failed",
+            "message": "could not encode the job's images: out of memory encoding a PNG",
+        }
+        assert final_events(r, job.id) == [b"error"]
+        while r.xpending(KEYS.queue("tiny"), GROUP)["pending"] or worker.free_rows() != 8:
+            assert time.monotonic() < deadline, "the entry was not acknowledged or the rows not freed"
+            await asyncio.sleep(0.01)
     finally:
         worker.stop()
         thread.join(30)
