@@ -124,7 +124,7 @@ class LocalDispatcher:
         if dead:
             return f"engine not running for model(s): {', '.join(dead)}"
         limit = self.settings.engine_stall_seconds
-        if limit and (hung := self.pool.stalled(limit)):
+        if hung := self.pool.stalled(limit):
             setting = "DDPM_ENGINE_STALL_SECONDS"
             return f"engine of {', '.join(hung)} in one step for over {limit:g} s ({setting}): hung?"
         return None

@@ -388,8 +388,7 @@ class Engine:
             try:
                 self._report(run, previews)
             except Exception as e:  # its previews (a device error surfacing at .cpu()): this job fails
-                log.error("job %s failed: %s", run.job_id, traceback.format_exc())
-                self._fail(run.job_id, "job_error", f"{type(e).__name__}: {e}")
+                self._job_error(run.job_id, e)
                 continue
             if all(g.remaining == 0 for g in run.groups):
                 self._next_phase(run)
@@ -422,18 +421,21 @@ class Engine:
         except JobFailed as e:
             self._fail(run.job_id, e.code, str(e))
         except Exception as e:
-            log.error("job %s failed: %s", run.job_id, traceback.format_exc())
-            self._fail(run.job_id, "job_error", f"{type(e).__name__}: {e}")
+            self._job_error(run.job_id, e)
 
     def _finish(self, run: Run, images: Tensor, extra: dict) -> None:
         try:
             images = images.float().cpu()
         except Exception as e:  # a device error surfacing at the copy: this job fails
-            log.error("job %s failed: %s", run.job_id, traceback.format_exc())
-            self._fail(run.job_id, "job_error", f"{type(e).__name__}: {e}")
+            self._job_error(run.job_id, e)
             return
         self._runs.pop(run.job_id, None)
         self.listener.on_finished(run.job_id, images, extra)
+
+    def _job_error(self, job_id: str, error: Exception) -> None:
+        """Fail one job for an exception its own code raised (logged with its traceback)."""
+        log.error("job %s failed: %s", job_id, traceback.format_exc())
+        self._fail(job_id, "job_error", f"{type(error).__name__}: {error}")
 
     def _fail(self, job_id: str, code: str, message: str) -> None:
         run = self._runs.pop(job_id, None)

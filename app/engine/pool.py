@@ -48,5 +48,8 @@ class EnginePool:
         return all(engine.alive for engine in self.engines.values())
 
     def stalled(self, limit: float) -> list[str]:
-        """The models whose engine has been in one pass of its loop (one step) for over `limit` seconds."""
+        """The models whose engine has been in one pass of its loop (one step) for over `limit` seconds;
+        none when `limit` is 0 (DDPM_ENGINE_STALL_SECONDS = 0: never)."""
+        if not limit:
+            return []
         return [name for name, engine in self.engines.items() if engine.stalled_for() > limit]

@@ -64,7 +64,7 @@ class JobRunner:
         self._ending: set[str] = set()  # jobs the engine has ended whose end is not in the store yet
         self._broken: set[str] = set()  # jobs failed for output that could not be encoded: drop the rest
         self.stop_job: Callable[[str, str], object] | None = None  # (job id, model): cancel in the engine
-        self._lock = threading.Lock()  # guards _watched and _ending: the event loop's and the engine's
+        self._lock = threading.Lock()  # guards _watched, _ending and _broken: loop, engine and encoders
         self._tails: dict[str, asyncio.Task[None]] = {}  # event loop only
 
     def watch(self, work: Work) -> None:

@@ -160,7 +160,7 @@ class Worker:
                 self.engine_died = True
                 return
             limit = self.settings.engine_stall_seconds
-            if limit and (hung := self.pool.stalled(limit)):  # alive, but its jobs would never end either
+            if hung := self.pool.stalled(limit):  # alive, but its jobs would never end either
                 log.error(
                     "worker %s: the engine of %s has been in one step for over %.0f s "
                     "(DDPM_ENGINE_STALL_SECONDS); handing its jobs back and exiting",
