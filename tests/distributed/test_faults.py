@@ -26,6 +26,7 @@ from tests.distributed.conftest import (
     pending_on,
     wait_all,
 )
+from tests.tiny import BATCH_ATOL
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
@@ -150,7 +151,7 @@ def test_every_kind_of_job_gives_through_the_queue_what_it_gives_in_process(clus
     with live_server(server_settings([str(cluster.model)])) as live, live.client() as client:
         embedded = outputs(client)
     for d, e in zip(distributed, embedded, strict=True):
-        np.testing.assert_allclose(d, e, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(d, e, rtol=1e-5, atol=BATCH_ATOL)
 
 
 @pytest.mark.timeout(120)

@@ -9,6 +9,7 @@ from app.engine.work import Work
 from app.rng import ImageNoise
 from app.sampling import generate, schedule_of
 from tests.engine.conftest import sample_work
+from tests.tiny import BATCH_ATOL
 
 
 def _images(rec, job_id):
@@ -24,8 +25,8 @@ def test_sample_equals_library_generate(engine_factory, tiny_ckpt):
     engine.submit(sample_work("b", n=2, steps=8, sampler="ddim", seed=5))
     ref_a = generate(tiny_ckpt, n=3, steps=40, sampler="ddpm", variance="beta", seed=11).images
     ref_b = generate(tiny_ckpt, n=2, steps=8, sampler="ddim", seed=5).images
-    torch.testing.assert_close(_images(rec, "a"), ref_a, atol=1e-5, rtol=0)
-    torch.testing.assert_close(_images(rec, "b"), ref_b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_images(rec, "a"), ref_a, atol=BATCH_ATOL, rtol=0)
+    torch.testing.assert_close(_images(rec, "b"), ref_b, atol=BATCH_ATOL, rtol=0)
     assert rec.of("started", "a") == [("started", "a", 40)]
 
 
@@ -51,7 +52,7 @@ def test_concurrent_jobs_share_forwards_and_keep_their_own_results(engine_factor
             clip_denoised=kw["clip"],
             seed=kw["seed"],
         ).images
-        torch.testing.assert_close(_images(rec, job_id), alone, atol=1e-5, rtol=0)
+        torch.testing.assert_close(_images(rec, job_id), alone, atol=BATCH_ATOL, rtol=0)
     assert engine.forwards == 40  # the longest chain; the others rode along
     assert engine.running == 0 and engine.queued == 0
 
@@ -61,7 +62,7 @@ def test_image_k_does_not_depend_on_n(engine_factory):
     engine.start()
     engine.submit(sample_work("four", n=4, steps=10, seed=9))
     engine.submit(sample_work("two", n=2, steps=10, seed=9))
-    torch.testing.assert_close(_images(rec, "four")[:2], _images(rec, "two"), atol=1e-5, rtol=0)
+    torch.testing.assert_close(_images(rec, "four")[:2], _images(rec, "two"), atol=BATCH_ATOL, rtol=0)
 
 
 def test_max_batch_queues_and_late_jobs_join_between_steps(engine_factory):
@@ -215,8 +216,8 @@ def test_interpolation_endpoints_are_reconstructions(engine_factory):
     rows = _images(rec, "i")
     assert rows.shape == (6, 1, 8, 8)
     assert rec.results["i"][1][1] == {"rows": 2, "columns": 3}
-    torch.testing.assert_close(rows[0], _images(rec, "ra")[0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(rows[5], _images(rec, "rb")[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(rows[0], _images(rec, "ra")[0], atol=BATCH_ATOL, rtol=0)
+    torch.testing.assert_close(rows[5], _images(rec, "rb")[0], atol=BATCH_ATOL, rtol=0)
     assert not torch.allclose(rows[1], rows[0])
 
 
@@ -271,7 +272,7 @@ def test_interpolation_from_seeds_samples_the_sources_first(engine_factory, tiny
         )
     )
     assert rows.shape == (2, 1, 8, 8)
-    torch.testing.assert_close(rows, _images(rec, "i"), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rows, _images(rec, "i"), atol=BATCH_ATOL, rtol=0)
     assert not torch.allclose(rows[0], rows[1], atol=0.1)
 
 

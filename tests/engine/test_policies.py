@@ -8,7 +8,7 @@ from torch._dynamo.utils import counters
 from app.engine.fastpath import FastPath
 from app.sampling import generate
 from tests.engine.conftest import sample_work
-from tests.tiny import tiny_checkpoint
+from tests.tiny import BATCH_ATOL, tiny_checkpoint
 
 # Jobs queued before the loop starts, in this order. Widths 1 + 1 + 1 with max_batch 2.
 JOBS = {
@@ -40,7 +40,7 @@ def test_each_policy_batches_as_documented_and_gives_the_same_images(engine_fact
     reference = runs["step"][1]
     for policy in ("request", "serial"):
         for job_id in JOBS:
-            torch.testing.assert_close(runs[policy][1][job_id], reference[job_id], atol=1e-5, rtol=0)
+            torch.testing.assert_close(runs[policy][1][job_id], reference[job_id], atol=BATCH_ATOL, rtol=0)
 
 
 def test_request_policy_lets_jobs_admitted_together_share_the_batch(engine_factory):
