@@ -70,9 +70,11 @@ def _serve(settings: Settings, sockets: list[socket.socket]) -> None:
 
     checkpoints = None
     if not settings.redis_url:  # embedded: load before uvicorn, so a bad model is one line, not its traceback
+        from app.engine import threads
         from app.loading import load_models
         from app.nets import CheckpointError
 
+        threads.confine()  # before any torch work: only the engine threads compute in parallel
         try:
             checkpoints = load_models(settings)
         except (CheckpointError, ValueError, OSError) as e:

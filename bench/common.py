@@ -7,14 +7,19 @@ import json
 import os
 import platform
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from app.engine import threads
 from app.engine.fastpath import FastPath
+
+T = TypeVar("T")
 
 # Where results go: $BENCH_RESULTS (bench/gpu.sh points it at the device's $OUT), else bench/results.
 RESULTS = Path(os.environ.get("BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
@@ -25,7 +30,7 @@ def machine() -> dict[str, str | int]:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
+        "threads": threads.for_engines(),
         "gpu": gpu or "none",
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -37,6 +42,28 @@ def set_threads(threads: int | None) -> None:
     for each other at every OpenMP barrier while another process holds a core."""
     if threads:
         torch.set_num_threads(threads)
+
+
+def like_an_engine(fn: Callable[..., T], *args: object) -> T:
+    """`fn(*args)` in a thread of its own that takes the intra-op threads as an engine thread does
+    (app.engine.threads): in a confined process, code raced against the engine (diffusers) gets the
+    same threads. Run it while no engine runs: two teams at once slow both (libgomp's throttling)."""
+    out: list[T] = []
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        threads.take()
+        try:
+            out.append(fn(*args))
+        except BaseException as e:
+            failed.append(e)
+
+    thread = threading.Thread(target=run, name="like-an-engine")
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+    return out[0]
 
 
 def sync(device: torch.device) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import io
 import itertools
 import statistics
@@ -34,11 +35,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from app.engine import threads
 from app.engine.engine import POLICIES, Engine
 from app.engine.fastpath import FastPath
 from app.nets import load_checkpoint
 from app.settings import Settings
-from bench.common import save, set_threads, table
+from bench.common import like_an_engine, save, set_threads, table
 from bench.engines import Collector, sample_work
 from bench.models import ARCHS, model_folder
 from bench.sampling import diffusers_pipelines
@@ -198,11 +200,12 @@ def main() -> None:
     parser.add_argument("--name", default="serving", help="results file name")
     args = parser.parse_args()
     set_threads(args.threads)
+    threads.confine()  # as ddpm-serve does: the raw engine's thread alone computes in parallel
     levels = [int(c) for c in args.concurrency.split(",")]
     folder, described = model_folder(args.model, args.arch)
     overrides = dict(item.split("=", 1) for item in args.set)
     print(
-        f"model: {described}; {args.device}, {torch.get_num_threads()} threads, {args.sampler}-{args.steps}, "
+        f"model: {described}; {args.device}, {threads.for_engines()} threads, {args.sampler}-{args.steps}, "
         f"settings {overrides or 'default'}"
     )
     body = {"n": 1, "steps": args.steps, "sampler": args.sampler, "stream_every": 0}
@@ -234,7 +237,7 @@ def main() -> None:
     print(table(rows, ["impl", "concurrency", "requests", "images_s", "p50_s", "p95_s", "of_raw"]))
     for key, value in extra.items():
         print(f"{key}: {value}")
-    info = dict(model=described, device=args.device, threads=torch.get_num_threads(), settings=overrides)
+    info = dict(model=described, device=args.device, threads=threads.for_engines(), settings=overrides)
     print(f"wrote {save(args.name, rows, **info, **job, **extra)}")
 
 
@@ -267,7 +270,8 @@ def _race_diffusers(url: str, folder: Path, body: dict, args: argparse.Namespace
     """N concurrent requests through the service vs one DDIMPipeline batch of N, same weights and steps;
     alternating rounds, medians."""
     n = args.vs_diffusers
-    pipe = diffusers_pipelines(folder, torch.device(args.device))["ddim"]
+    ddim = diffusers_pipelines(folder, torch.device(args.device))["ddim"]
+    pipe = functools.partial(like_an_engine, ddim)  # the engine's threads (the raw engine has stopped)
     pipe(n, 2)  # set-up out of the timing
     asyncio.run(race(url, {**body, "sampler": "ddim"}, n))  # the service's first batch of n, likewise
     ours, theirs = [], []

@@ -26,7 +26,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from app.engine import programs
+from app.engine import programs, threads
 from app.engine.buffers import StepBuffers
 from app.engine.fastpath import FastPath, Forward
 from app.engine.groups import BoundGroup, ChainGroup, Group
@@ -130,12 +130,35 @@ class Engine:
 
     # ---- thread-safe control surface -------------------------------------------------------
     def start(self) -> None:
-        """Warm the fast paths up (compilation, CUDA graphs: minutes, not per request), then run the loop."""
-        self.forward.warm_up(self.ctx.shape)
-        if self.fast.compile:
-            self._warm_up_update()
-        self._thread = threading.Thread(target=self._loop, name=f"engine-{self.name}", daemon=True)
+        """Start the engine's thread, which warms the fast paths up (compilation, CUDA graphs: minutes, not
+        per request) and then runs the loop; returns once it is warm, raising what the warm-up raised.
+
+        The warm-up runs in the engine's thread, not the caller's: compiled CPU kernels fix their thread
+        count when compiled, and a caller computing in parallel would slow every step (app.engine.threads).
+        """
+        ready = threading.Event()
+        failed: list[BaseException] = []
+        self._thread = threading.Thread(
+            target=self._run, args=(ready, failed), name=f"engine-{self.name}", daemon=True
+        )
         self._thread.start()
+        ready.wait()
+        if failed:
+            self._thread.join()
+            raise failed[0]
+
+    def _run(self, ready: threading.Event, failed: list[BaseException]) -> None:
+        try:
+            threads.take()
+            self.forward.warm_up(self.ctx.shape)
+            if self.fast.compile:
+                self._warm_up_update()
+        except BaseException as e:  # start() raises it in the caller's thread
+            failed.append(e)
+            return
+        finally:
+            ready.set()
+        self._loop()
 
     @torch.inference_mode()
     def _warm_up_update(self) -> None:

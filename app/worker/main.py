@@ -64,10 +64,12 @@ def main(argv: list[str] | None = None) -> None:
                 launch.cannot_listen("ddpm-worker", settings.host, port, e, " for /metrics")
             cleanup.callback(metrics.server_close)
 
+        from app.engine import threads
         from app.jobs.redis_connect import sync_client
         from app.loading import load_models
         from app.worker.worker import Worker, default_name
 
+        threads.confine()  # before any torch work: only the engine threads compute in parallel
         try:
             checkpoints = load_models(settings)
         except Exception as e:  # a bad model reference: say which, and stop
