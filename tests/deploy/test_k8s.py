@@ -269,3 +269,13 @@ def test_renderer_refuses_what_it_does_not_support(tmp_path):
         apply_operation({"a": [1]}, {"op": "test", "path": "/a/0", "value": 2})
     with pytest.raises(KustomizeError, match="no such location"):
         apply_operation({"a": {}}, {"op": "replace", "path": "/a/b", "value": 1})
+
+
+def test_the_worker_computes_on_as_many_threads_as_its_cpu_limit(overlay):
+    """torch would take the node's cores; under a CPU quota of a few, that team waits at every step."""
+    _, docs = overlay
+    worker = _container(docs, "ddpm-worker")
+    env = {e["name"]: e for e in worker["env"]}
+    ref = env["OMP_NUM_THREADS"]["valueFrom"]["resourceFieldRef"]
+    assert ref == {"containerName": worker["name"], "resource": "limits.cpu"}
+    assert worker["resources"]["limits"]["cpu"]
