@@ -11,6 +11,9 @@ fp16, compile, graphs). Every row runs the same number of U-Net forwards on the 
 weights file; rows are timed in interleaved rounds. `ratio` is images/s over diffusers' (above 1: ours
 is faster). With --peak-tflops, `peak` is the fraction of that peak the U-Net's FLOPs reach. Shorten a
 CPU run with e.g. --steps-ddpm 100: images/s then scale by 100/1000 to the full chain.
+On a CPU prefer --threads 1: with more, the main thread (diffusers, `generate`) and each engine's thread
+hold an OpenMP team apiece, and libgomp then slows every team (app/engine/threads.py), so all rows run
+below the speed a serving process gets.
 Writes bench/results/<name>.json.
 """
 
