@@ -104,11 +104,13 @@ class Engine:
         max_batch: int = 64,
         policy: Policy = "step",
         fast: FastPath | None = None,
+        cpu_engines: int = 1,
     ):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.ckpt, self.name, self.listener, self.max_batch = ckpt, name, listener, max_batch
         self.policy = policy
+        self.cpu_engines = cpu_engines  # CPU engines in this process: they share its threads
         self.unet = ckpt.unet.eval()
         self.device = next(self.unet.parameters()).device
         self.fast = fast or FastPath()
@@ -136,6 +138,8 @@ class Engine:
         The warm-up runs in the engine's thread, not the caller's: compiled CPU kernels fix their thread
         count when compiled, and a caller computing in parallel would slow every step (app.engine.threads).
         """
+        if self._thread is not None:
+            raise RuntimeError(f"engine {self.name} was started already")
         ready = threading.Event()
         failed: list[BaseException] = []
         self._thread = threading.Thread(
@@ -149,7 +153,8 @@ class Engine:
 
     def _run(self, ready: threading.Event, failed: list[BaseException]) -> None:
         try:
-            threads.take()
+            if self.device.type == "cpu":
+                threads.take(self.cpu_engines)
             self.forward.warm_up(self.ctx.shape)
             if self.fast.compile:
                 self._warm_up_update()

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import torch
+
 from app.engine.engine import Engine, Policy
 from app.engine.fastpath import FastPath
 from app.engine.work import Listener, Work
 from app.nets import Checkpoint
+
+
+def _device(ckpt: Checkpoint) -> torch.device:
+    return next(ckpt.unet.parameters()).device
 
 
 class EnginePool:
@@ -22,8 +28,17 @@ class EnginePool:
     ):
         if not checkpoints:
             raise ValueError("an engine pool needs at least one model")
+        cpu = sum(_device(ckpt).type == "cpu" for ckpt in checkpoints.values())
         self.engines = {
-            name: Engine(ckpt, name=name, listener=listener, max_batch=max_batch, policy=policy, fast=fast)
+            name: Engine(
+                ckpt,
+                name=name,
+                listener=listener,
+                max_batch=max_batch,
+                policy=policy,
+                fast=fast,
+                cpu_engines=cpu,
+            )
             for name, ckpt in checkpoints.items()
         }
         self.default = next(iter(checkpoints))

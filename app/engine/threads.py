@@ -9,10 +9,13 @@ batch 1) and 73 instead of 50 (batch 16) once the main thread had computed in pa
 checkpoint does (docs/benchmarks.md, session 8).
 
 So a process that serves (`ddpm-serve` embedded, `ddpm-worker`) calls `confine()` before any torch work:
-torch's count becomes 1, which every thread takes at its first parallel operation, and each engine
-thread calls `take()` first, which gives that thread alone the count the process had (`OMP_NUM_THREADS`,
-else torch's default, the cores). Several engines on one CPU each take the whole count; they share the
-cores anyway. Without `confine()` (the CLI, tests, library use) `take()` changes nothing.
+torch's count becomes 1, and each CPU engine's thread calls `take()` first, which gives that thread alone
+the count the process had (`OMP_NUM_THREADS`, else torch's default, the cores), split between the CPU
+engines of the process (two teams of n on n cores would throttle both, even while one model is idle).
+Other threads take torch's count, 1, at their first ATen operation; oneDNN convolutions and MKL products
+skip that and take libgomp's default (the cores), so the threads the process starts for torch work call
+`follow()` first (the job runner's encoders, the worker's writers). Without `confine()` (the CLI, tests,
+library use) `take()` changes nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_engine_threads: int | None = None  # the count engine threads take; None until confine()
+_engine_threads: int | None = None  # the count engine threads share; None until confine()
 
 
 def confine() -> int:
@@ -37,27 +40,35 @@ def confine() -> int:
     if _engine_threads is None:
         _engine_threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        torch.get_num_threads()  # this thread's count is now fixed at 1 (torch sets it at first use)
-        log.info("intra-op threads: %d in each engine thread, 1 elsewhere", _engine_threads)
+        follow()
+        log.info("intra-op threads: %d for the engine threads, 1 elsewhere", _engine_threads)
     return _engine_threads
 
 
 def for_engines() -> int:
-    """The intra-op threads an engine thread computes with."""
+    """The intra-op threads the engine threads share."""
     return torch.get_num_threads() if _engine_threads is None else _engine_threads
 
 
-def take() -> None:
-    """In an engine thread, before its first computation: give this thread the process's threads.
+def follow() -> None:
+    """Fix the calling thread's count at torch's now (1 once confined), as its first ATen operation would;
+    a thread whose first computation is a convolution or a matrix product would take libgomp's default."""
+    torch.get_num_threads()
+
+
+def take(share: int = 1) -> None:
+    """In a CPU engine's thread, before its first computation: give this thread the process's threads,
+    divided by `share` (the process's CPU engines), at least one.
 
     `torch.set_num_threads` sets the calling thread's OpenMP and MKL counts, and the count every later
     thread starts from; the second call (in a thread of its own, which then ends) puts only the latter
-    back to 1, so the threads started from now on stay single-threaded.
+    back to 1. Between the two, a thread computing for the first time would take the engine's count:
+    engines start before the process serves anything (EnginePool.start).
     """
     if _engine_threads is None:
         return
-    torch.set_num_threads(_engine_threads)
-    torch.get_num_threads()  # fixes this thread's count: torch would otherwise set it at first use
+    torch.set_num_threads(max(1, _engine_threads // share))
+    follow()
     restore = threading.Thread(target=torch.set_num_threads, args=(1,), name="torch-threads-1")
     restore.start()
     restore.join()

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from app import metrics
+from app.engine import threads as torch_threads
 from app.engine.work import Work
 from app.jobs.encoding import preview_pngs, result_blobs
 from app.jobs.records import EventType, Status, utcnow
@@ -58,7 +59,10 @@ class JobRunner:
         self._store = store
         self._loop = loop
         self._encoders = [
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ddpm-encode-{i}") for i in range(encoders)
+            ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"ddpm-encode-{i}", initializer=torch_threads.follow
+            )
+            for i in range(encoders)
         ]
         self._watched: dict[str, _Watched] = {}
         self._ending: set[str] = set()  # jobs the engine has ended whose end is not in the store yet

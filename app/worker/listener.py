@@ -26,6 +26,7 @@ import torch
 from redis.exceptions import RedisError
 
 from app import metrics
+from app.engine import threads as torch_threads
 from app.engine.work import Work
 from app.jobs.encoding import preview_pngs, result_blobs
 from app.jobs.records import EventType, Status, utcnow
@@ -55,7 +56,10 @@ class RedisListener:
         self._writer = writer
         self._on_end = on_end
         self._threads = [
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ddpm-writer-{i}") for i in range(threads)
+            ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"ddpm-writer-{i}", initializer=torch_threads.follow
+            )
+            for i in range(threads)
         ]
         self._jobs: dict[str, _Watched] = {}
         self._lock = threading.Lock()  # guards _jobs: the claim loop, engine and heartbeat threads use it

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = textwrap.dedent(
     """
     import json, os, sys, threading
+    from concurrent.futures import ThreadPoolExecutor
     import torch
     from app.engine import threads
     from app.engine.engine import Engine
@@ -57,7 +58,7 @@ SCRIPT = textwrap.dedent(
     engine.submit(sample_work("a", n=4, steps=3))
     assert rec.wait("a")[0] == "finished"
 
-    def other():  # a thread started after the engine, like an encoder or a request handler's
+    def other():  # a thread started after the engine, like a request handler's
         before = tasks()
         big_op()
         seen["other_new_tasks"] = tasks() - before
@@ -66,6 +67,18 @@ SCRIPT = textwrap.dedent(
     thread = threading.Thread(target=other)
     thread.start()
     thread.join()
+
+    images, kernels = torch.randn(8, 64, 64, 64), torch.randn(64, 64, 3, 3)
+
+    def conv_first():  # oneDNN skips torch's per-thread set-up: a bare thread takes libgomp's default
+        before = tasks()
+        torch.nn.functional.conv2d(images, kernels)
+        return tasks() - before, torch.get_num_threads()
+
+    with ThreadPoolExecutor(1, initializer=threads.follow) as encoder:  # as the runner's encoders
+        seen["encoder_new_tasks"], seen["encoder"] = encoder.submit(conv_first).result()
+    with ThreadPoolExecutor(1) as bare:
+        seen["bare_conv_new_tasks"] = bare.submit(conv_first).result()[0]
     seen["for_engines"] = threads.for_engines()
     engine.stop(10)
     print(json.dumps(seen))
@@ -73,10 +86,38 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _run(mode: str) -> dict[str, int]:
+POOL_SCRIPT = textwrap.dedent(
+    """
+    import dataclasses, json, torch
+    from app.engine import threads
+    from app.engine.pool import EnginePool
+    from tests.engine.conftest import Recorder, sample_work
+    from tests.tiny import tiny_checkpoint
+
+    threads.confine()
+    seen = {}
+
+    class Threads(Recorder):
+        def on_finished(self, job_id, images, extra):
+            seen[job_id] = torch.get_num_threads()  # in the engine thread of the job's model
+            super().on_finished(job_id, images, extra)
+
+    rec = Threads()
+    pool = EnginePool({"a": tiny_checkpoint(), "b": tiny_checkpoint(seed=1)}, listener=rec, max_batch=2)
+    pool.start()
+    for model in ("a", "b"):
+        pool.submit(dataclasses.replace(sample_work(model, n=1, steps=2), model=model))
+        assert rec.wait(model)[0] == "finished"
+    pool.stop(10)
+    print(json.dumps(seen))
+    """
+)
+
+
+def _run(mode: str, script: str = SCRIPT) -> dict[str, int]:
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, mode], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script, mode], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -92,6 +133,9 @@ def test_confined_process_computes_in_parallel_in_the_engine_thread_only():
         "engine": 2,  # the engine thread has the process's threads
         "other_new_tasks": 0,  # a later thread computes alone too (torch's count was put back to 1)
         "other": 1,
+        "encoder_new_tasks": 0,  # a convolution first, in a thread that called follow()
+        "encoder": 1,
+        "bare_conv_new_tasks": 1,  # why follow() exists: without it a convolution starts a team
         "for_engines": 2,
     }
 
@@ -102,6 +146,19 @@ def test_without_confine_every_thread_has_a_team_as_torch_does_by_default():
     seen = _run("plain")
     assert seen["main_new_tasks"] == 1  # libgomp started a worker for the main thread's team
     assert seen["main"] == seen["engine"] == seen["other"] == seen["for_engines"] == 2
+
+
+@pytest.mark.skipif(not torch.backends.openmp.is_available(), reason="torch built without OpenMP")
+def test_cpu_engines_of_one_process_share_its_threads():
+    """Two teams of two on two cores would throttle each other, even while one model is idle."""
+    assert _run("pool", POOL_SCRIPT) == {"a": 1, "b": 1}
+
+
+def test_an_engine_starts_once(engine_factory):
+    engine, _ = engine_factory()
+    engine.start()
+    with pytest.raises(RuntimeError, match="started already"):
+        engine.start()
 
 
 def test_confine_before_serving_loads_models(monkeypatch):
