@@ -62,7 +62,9 @@ class RedisListener:
             for i in range(threads)
         ]
         self._jobs: dict[str, _Watched] = {}
-        self._lock = threading.Lock()  # guards _jobs: the claim loop, engine and heartbeat threads use it
+        self._broken: set[str] = set()  # failed here for a preview that could not be encoded: drop the rest
+        self.stop_job: Callable[[str, str], object] | None = None  # (job id, model): cancel in the engine
+        self._lock = threading.Lock()  # guards _jobs and _broken: claim loop, engine, heartbeat and writers
         self._deadline: float | None = None  # time.monotonic() after which retries give up
 
     def watch(self, work: Work, created_at: datetime | None = None) -> None:
@@ -109,13 +111,17 @@ class RedisListener:
         def write() -> None:
             preview = None
             if x0 is not None and xt is not None:
-                preview = {
-                    "step": step,
-                    "steps": steps,
-                    "t": t,
-                    "x0": preview_pngs(x0),
-                    "xt": preview_pngs(xt),
-                }
+                try:
+                    preview = {
+                        "step": step,
+                        "steps": steps,
+                        "t": t,
+                        "x0": preview_pngs(x0),
+                        "xt": preview_pngs(xt),
+                    }
+                except Exception as e:  # as embedded: the job fails, and the engine stops it
+                    self._preview_failed(job_id, e)
+                    return
             try:
                 self._writer.progress(job_id, step, steps, preview)
             except RedisError as e:
@@ -147,7 +153,7 @@ class RedisListener:
             event = (EventType.DONE, {"status": str(Status.SUCCEEDED)})
             self._end(job_id, work, Status.SUCCEEDED, event, fields, blobs, images=count, started=started)
 
-        self._post(job_id, write)
+        self._post(job_id, write, ends=True)
 
     def on_failed(self, job_id: str, code: str, message: str) -> None:
         watched, finished = self._forget(job_id), utcnow()
@@ -165,13 +171,13 @@ class RedisListener:
                 started=started,
             )
 
-        self._post(job_id, write)
+        self._post(job_id, write, ends=True)
 
     def on_cancelled(self, job_id: str) -> None:
         watched, finished = self._forget(job_id), utcnow()
         work = watched.work if watched is not None else None
         if watched is not None and watched.dropped:  # stopped here, not cancelled: someone else runs it
-            self._post(job_id, lambda: self._on_end(job_id, False))
+            self._post(job_id, lambda: self._on_end(job_id, False), ends=True)
             return
 
         started = watched.started if watched is not None else None
@@ -180,9 +186,24 @@ class RedisListener:
             event = (EventType.DONE, {"status": str(Status.CANCELLED)})
             self._end(job_id, work, Status.CANCELLED, event, {"finished_at": finished}, started=started)
 
-        self._post(job_id, write)
+        self._post(job_id, write, ends=True)
 
     # On a writer thread.
+
+    def _preview_failed(self, job_id: str, error: Exception) -> None:
+        """A preview could not be encoded: the job fails here, its entry is done with, and the engine is
+        asked to stop it; what the engine still sends for it is dropped (`_post(..., ends=...)`)."""
+        log.exception("job %s: encoding a preview failed", job_id)
+        with self._lock:
+            self._broken.add(job_id)
+            watched = self._jobs.get(job_id)
+        work = watched.work if watched is not None else None
+        error_fields = {"code": "encoding_failed", "message": f"could not encode the job's images: {error}"}
+        fields = {"finished_at": utcnow(), "error": error_fields}
+        started = watched.started if watched is not None else None
+        self._end(job_id, work, Status.FAILED, (EventType.ERROR, error_fields), fields, started=started)
+        if work is not None and self.stop_job is not None:  # None: the engine has ended it already
+            self.stop_job(job_id, work.model)
 
     def _end(
         self,
@@ -241,15 +262,22 @@ class RedisListener:
         with self._lock:
             return self._jobs.pop(job_id, None)
 
-    def _post(self, job_id: str, write: Callable[[], None]) -> None:
+    def _post(self, job_id: str, write: Callable[[], None], *, ends: bool = False) -> None:
+        """Run `write` on the job's writer thread (one per job, so its updates keep their order); `ends`:
+        the engine's last word on the job."""
         thread = self._threads[zlib.crc32(job_id.encode()) % len(self._threads)]
         try:
-            thread.submit(self._guarded, job_id, write)
+            thread.submit(self._guarded, job_id, write, ends)
         except RuntimeError:
             log.warning("job %s: update after the writers closed, dropped", job_id)
 
-    @staticmethod
-    def _guarded(job_id: str, write: Callable[[], None]) -> None:
+    def _guarded(self, job_id: str, write: Callable[[], None], ends: bool) -> None:
+        with self._lock:
+            broken = job_id in self._broken
+            if broken and ends:
+                self._broken.discard(job_id)
+        if broken:  # it failed here already (a preview): nothing more of it is recorded
+            return
         try:
             write()
         except Exception:

@@ -85,6 +85,7 @@ class Worker:
             policy=settings.engine_policy,
             fast=settings.fast_path(),
         )
+        self.listener.stop_job = self.pool.cancel
         self.info = registry.WorkerInfo(
             name=name,
             models=list(checkpoints),

@@ -154,6 +154,55 @@ async def test_a_job_whose_images_cannot_be_encoded_fails_and_frees_its_rows(
     assert not thread.is_alive()
 
 
+async def test_a_preview_that_cannot_be_encoded_fails_the_job_stops_it_and_nothing_follows(
+    dispatcher, r, redis_server, monkeypatch
+):
+    """As in embedded mode (tests/jobs/test_runner.py): not a job that runs on without its previews."""
+    import app.worker.listener as listener
+
+    encode, calls = listener.preview_pngs, []
+
+    def broken(x):
+        calls.append(1)
+        if len(calls) > 4:  # the x̂₀ and x_t of steps 1 and 2 encode; step 3's x̂₀ does not
+            raise MemoryError("out of memory encoding a PNG")
+        return encode(x)
+
+    monkeypatch.setattr(listener, "preview_pngs", broken)
+    worker = Worker(settings(redis_server), {"tiny": tiny_checkpoint(timesteps=50)}, r, name="w")
+    stopped, cancel = [], worker.listener.stop_job
+    worker.listener.stop_job = lambda job_id, model: stopped.append((job_id, model)) or cancel(job_id, model)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        job = await submit(dispatcher, n=8, steps=50)  # all of the worker's 8 rows, a preview every step
+        deadline = time.monotonic() + 20
+        while status(r, job.id) != "failed":
+            assert time.monotonic() < deadline, status(r, job.id)
+            await asyncio.sleep(0.01)
+        error = json.loads(r.hget(KEYS.job(job.id), "error"))
+        assert error == {
+            "code": "encoding_failed",
+            "message": "could not encode the job's images: out of memory encoding a PNG",
+        }
+        while r.xpending(KEYS.queue("tiny"), GROUP)["pending"] or worker.free_rows() != 8:
+            assert time.monotonic() < deadline, "the entry was not acknowledged or the rows not freed"
+            await asyncio.sleep(0.01)
+        assert stopped == [(job.id, "tiny")]  # the engine was asked to stop it
+        while worker.pool.engines["tiny"].running:
+            assert time.monotonic() < deadline, "the engine did not stop the job"
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        events = [f[b"type"] for _, f in r.xrange(KEYS.events(job.id))]
+        assert events == [b"progress", b"progress", b"error"]  # nothing after the error
+        assert int(r.hget(KEYS.job(job.id), "step")) == 2
+        assert worker.listener._broken == set()
+    finally:
+        worker.stop()
+        thread.join(30)
+    assert not thread.is_alive()
+
+
 async def test_a_job_whose_workers_keep_dying_fails_into_the_dead_letter_stream(dispatcher, r, redis_server):
     job = await submit(dispatcher)
     queue = KEYS.queue("tiny")
