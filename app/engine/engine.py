@@ -300,8 +300,10 @@ class Engine:
                 self.listener.on_started(work.job_id, run.steps)
                 self._runs[work.job_id] = run
                 self._enter_phase(run, next(run.program))
-            except Exception as e:  # a job whose set-up fails fails alone
+            except ValueError as e:  # its parameters or inputs cannot make a chain: the job fails alone
                 self._fail(work.job_id, "invalid_job", f"could not start: {e}")
+            except Exception as e:  # anything else in its set-up (memory, the device): likewise, logged
+                self._job_error(work.job_id, e)
             finally:
                 self._admitting = None
 

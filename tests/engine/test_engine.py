@@ -166,8 +166,21 @@ def test_a_job_whose_step_table_cannot_be_made_fails_alone(engine_factory, monke
     engine.submit(sample_work("good", n=2, steps=5, sampler="ddim"))
     engine.submit(sample_work("bad", n=1, steps=5, sampler="ddim", eta=0.25))
     engine.start()
-    assert rec.wait("bad")[1] == ("invalid_job", "could not start: pinned memory exhausted")  # at set-up
+    assert rec.wait("bad")[1] == ("job_error", "RuntimeError: pinned memory exhausted")  # at set-up
     assert _images(rec, "good").shape == (2, 1, 8, 8)
+
+
+def test_a_job_whose_inputs_cannot_make_a_chain_fails_alone_as_invalid(engine_factory):
+    """What the API's validation let through but the chain refuses is the job's fault, not the engine's."""
+    engine, rec = engine_factory()
+    engine.submit(sample_work("bad", n=1, steps=5, sampler="ddim", eta=0.25))
+    engine.submit(sample_work("good", n=1, steps=5))
+    bad = engine._queue[0]
+    bad.params["steps"] = 10_000  # more steps than the model's T = 40
+    engine.start()
+    outcome, (code, message) = rec.wait("bad")
+    assert (outcome, code) == ("failed", "invalid_job") and message.startswith("could not start: ")
+    assert _images(rec, "good").shape == (1, 1, 8, 8)
 
 
 def test_previews_every_k_steps_and_the_last_carry_x0_and_xt(engine_factory):
