@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import pathlib
 import struct
 import zlib
 
@@ -290,11 +291,26 @@ def test_latents_up_to_the_bound_are_accepted():
     assert "within ±10" in error.message
 
 
-def test_latents_never_unpickle():
+class _Touch:
+    """Unpickling it creates a file: proof that a payload ran."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.path,))
+
+
+def test_latents_never_unpickle(tmp_path):
+    ran = tmp_path / "the payload ran"
     buf = io.BytesIO()
-    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.save(buf, np.array([_Touch(ran)], dtype=object), allow_pickle=True)
+    np.load(io.BytesIO(buf.getvalue()), allow_pickle=True)  # the payload works where pickles are allowed
+    assert ran.exists()
+    ran.unlink()
     text = base64.b64encode(buf.getvalue()).decode()
     expect(422, lambda: decode_latents(text, shape=(1,), max_bytes=1 << 20))
+    assert not ran.exists()
 
 
 def test_latents_header_declaring_a_huge_array_is_refused_without_allocating():
