@@ -300,8 +300,9 @@ class Engine:
                 self.listener.on_started(work.job_id, run.steps)
                 self._runs[work.job_id] = run
                 self._enter_phase(run, next(run.program))
-            except ValueError as e:  # its parameters or inputs cannot make a chain: the job fails alone
-                self._fail(work.job_id, "invalid_job", f"could not start: {e}")
+            except (ValueError, KeyError) as e:  # its parameters cannot make a chain: it fails alone
+                reason = f"parameter {e} is missing" if isinstance(e, KeyError) else e
+                self._fail(work.job_id, "invalid_job", f"could not start: {reason}")
             except Exception as e:  # anything else in its set-up (memory, the device): likewise, logged
                 self._job_error(work.job_id, e)
             finally:

@@ -108,6 +108,9 @@ class RedisListener:
     def on_progress(
         self, job_id: str, step: int, steps: int, t: int, x0: torch.Tensor | None, xt: torch.Tensor | None
     ) -> None:
+        with self._lock:  # now: the engine's end of the job may forget it before the writer runs
+            watched = self._jobs.get(job_id)
+
         def write() -> None:
             preview = None
             if x0 is not None and xt is not None:
@@ -120,7 +123,7 @@ class RedisListener:
                         "xt": preview_pngs(xt),
                     }
                 except Exception as e:  # as embedded: the job fails, and the engine stops it
-                    self._preview_failed(job_id, e)
+                    self._preview_failed(job_id, watched, e)
                     return
             try:
                 self._writer.progress(job_id, step, steps, preview)
@@ -190,20 +193,22 @@ class RedisListener:
 
     # On a writer thread.
 
-    def _preview_failed(self, job_id: str, error: Exception) -> None:
-        """A preview could not be encoded: the job fails here, its entry is done with, and the engine is
-        asked to stop it; what the engine still sends for it is dropped (`_post(..., ends=...)`)."""
+    def _preview_failed(self, job_id: str, watched: _Watched | None, error: Exception) -> None:
+        """A preview could not be encoded: the engine is asked to stop the job, which fails here (its
+        entry done with), and what the engine still sends for it is dropped (`_post(..., ends=True)`).
+        A job this worker has handed back or lost (dropped) is left to its new owner."""
         log.exception("job %s: encoding a preview failed", job_id)
+        if watched is None or watched.dropped:
+            return
         with self._lock:
             self._broken.add(job_id)
-            watched = self._jobs.get(job_id)
-        work = watched.work if watched is not None else None
+            running = job_id in self._jobs  # else the engine has ended it already
+        if running and self.stop_job is not None:  # first: no computing for a job already failed
+            self.stop_job(job_id, watched.work.model)
         error_fields = {"code": "encoding_failed", "message": f"could not encode the job's images: {error}"}
         fields = {"finished_at": utcnow(), "error": error_fields}
-        started = watched.started if watched is not None else None
-        self._end(job_id, work, Status.FAILED, (EventType.ERROR, error_fields), fields, started=started)
-        if work is not None and self.stop_job is not None:  # None: the engine has ended it already
-            self.stop_job(job_id, work.model)
+        event = (EventType.ERROR, error_fields)
+        self._end(job_id, watched.work, Status.FAILED, event, fields, started=watched.started)
 
     def _end(
         self,

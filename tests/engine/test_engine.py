@@ -177,9 +177,14 @@ def test_a_job_whose_inputs_cannot_make_a_chain_fails_alone_as_invalid(engine_fa
     engine.submit(sample_work("good", n=1, steps=5))
     bad = engine._queue[0]
     bad.params["steps"] = 10_000  # more steps than the model's T = 40
+    engine.submit(sample_work("old", n=1, steps=5))
+    del engine._queue[-1].params["sampler"]  # as from an API of another version
     engine.start()
-    outcome, (code, message) = rec.wait("bad")
-    assert (outcome, code) == ("failed", "invalid_job") and message.startswith("could not start: ")
+    assert rec.wait("bad") == (
+        "failed",
+        ("invalid_job", "could not start: steps must be between 1 and the model's 40 timesteps, got 10000"),
+    )
+    assert rec.wait("old") == ("failed", ("invalid_job", "could not start: parameter 'sampler' is missing"))
     assert _images(rec, "good").shape == (1, 1, 8, 8)
 
 

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis
+import torch
 
 from app import metrics
 from app.api.dispatch import QueueFull
@@ -201,6 +202,68 @@ async def test_a_preview_that_cannot_be_encoded_fails_the_job_stops_it_and_nothi
         worker.stop()
         thread.join(30)
     assert not thread.is_alive()
+
+
+def _listener(redis_server, monkeypatch, preview_fails: threading.Event):
+    """A RedisListener driven by the test as an engine would drive it; its previews fail once
+    `preview_fails` is set (the writer thread waits for it: the engine's next call comes first)."""
+    import app.worker.listener as listener
+
+    def broken(x):
+        assert preview_fails.wait(10)
+        raise MemoryError("out of memory encoding a PNG")
+
+    monkeypatch.setattr(listener, "preview_pngs", broken)
+    ends, stops = [], []
+    writer = JobWriter(sync_client(redis_server.url), 60)
+    rl = listener.RedisListener(writer, on_end=lambda job_id, ack: ends.append((job_id, ack)))
+    rl.stop_job = lambda job_id, model: stops.append(job_id)
+    return rl, ends, stops
+
+
+def _running(work: Work, rl) -> torch.Tensor:
+    rl.watch(work)
+    rl.on_started(work.job_id, 5)
+    return torch.zeros(1, 1, 8, 8)
+
+
+async def test_a_last_preview_that_fails_after_the_engine_ended_the_job_still_fails_it_and_counts(
+    dispatcher, r, redis_server, monkeypatch
+):
+    job = await submit(dispatcher, steps=5)
+    work = Work(job.id, "sample", "tiny", {"n": 1, "steps": 5})
+    fails = threading.Event()
+    rl, ends, stops = _listener(redis_server, monkeypatch, fails)
+    failed = metrics.JOBS.labels(kind="sample", outcome="failed")
+    before = failed._value.get()
+    x = _running(work, rl)
+    rl.on_progress(job.id, 5, 5, 0, x, x)  # the last step's preview, then at once the job's end
+    rl.on_finished(job.id, x, {})
+    fails.set()
+    rl.close(time.monotonic() + 10)
+    assert status(r, job.id) == "failed" and final_events(r, job.id) == [b"error"]  # not then succeeded
+    assert json.loads(r.hget(KEYS.job(job.id), "error"))["code"] == "encoding_failed"
+    assert failed._value.get() == before + 1  # counted, though the engine had forgotten the job
+    assert ends == [(job.id, True)] and stops == []  # nothing left to stop
+    assert rl._broken == set()
+
+
+async def test_a_preview_that_fails_for_a_job_handed_back_leaves_it_to_its_next_owner(
+    dispatcher, r, redis_server, monkeypatch
+):
+    job = await submit(dispatcher, steps=5)
+    work = Work(job.id, "sample", "tiny", {"n": 1, "steps": 5})
+    fails = threading.Event()
+    rl, ends, stops = _listener(redis_server, monkeypatch, fails)
+    x = _running(work, rl)
+    rl.on_progress(job.id, 1, 5, 4, x, x)
+    rl.drop(job.id)  # handed back (SIGTERM) or taken over; the worker then cancels it in its engine
+    rl.on_cancelled(job.id)
+    fails.set()
+    rl.close(time.monotonic() + 10)
+    assert status(r, job.id) == "running" and final_events(r, job.id) == []  # its end is not recorded here
+    assert ends == [(job.id, False)] and stops == []  # not acknowledged: the next owner runs it
+    assert rl._broken == set()
 
 
 async def test_a_job_whose_workers_keep_dying_fails_into_the_dead_letter_stream(dispatcher, r, redis_server):
