@@ -204,13 +204,17 @@ async def test_a_preview_that_cannot_be_encoded_fails_the_job_stops_it_and_nothi
     assert not thread.is_alive()
 
 
-def _listener(redis_server, monkeypatch, preview_fails: threading.Event):
-    """A RedisListener driven by the test as an engine would drive it; its previews fail once
-    `preview_fails` is set (the writer thread waits for it: the engine's next call comes first)."""
+async def _running_job(dispatcher, redis_server, monkeypatch):
+    """A queued job that a RedisListener, driven by the test as an engine would drive it, has started.
+    Its previews fail once the returned event is set (the writer thread waits for it, so the engine's
+    next call comes first)."""
     import app.worker.listener as listener
 
+    job = await submit(dispatcher, steps=5)
+    fails = threading.Event()
+
     def broken(x):
-        assert preview_fails.wait(10)
+        assert fails.wait(10)
         raise MemoryError("out of memory encoding a PNG")
 
     monkeypatch.setattr(listener, "preview_pngs", broken)
@@ -218,25 +222,18 @@ def _listener(redis_server, monkeypatch, preview_fails: threading.Event):
     writer = JobWriter(sync_client(redis_server.url), 60)
     rl = listener.RedisListener(writer, on_end=lambda job_id, ack: ends.append((job_id, ack)))
     rl.stop_job = lambda job_id, model: stops.append(job_id)
-    return rl, ends, stops
-
-
-def _running(work: Work, rl) -> torch.Tensor:
-    rl.watch(work)
-    rl.on_started(work.job_id, 5)
-    return torch.zeros(1, 1, 8, 8)
+    rl.watch(Work(job.id, "sample", "tiny", {"n": 1, "steps": 5}))
+    rl.on_started(job.id, 5)
+    return job, rl, fails, ends, stops
 
 
 async def test_a_last_preview_that_fails_after_the_engine_ended_the_job_still_fails_it_and_counts(
     dispatcher, r, redis_server, monkeypatch
 ):
-    job = await submit(dispatcher, steps=5)
-    work = Work(job.id, "sample", "tiny", {"n": 1, "steps": 5})
-    fails = threading.Event()
-    rl, ends, stops = _listener(redis_server, monkeypatch, fails)
+    job, rl, fails, ends, stops = await _running_job(dispatcher, redis_server, monkeypatch)
     failed = metrics.JOBS.labels(kind="sample", outcome="failed")
     before = failed._value.get()
-    x = _running(work, rl)
+    x = torch.zeros(1, 1, 8, 8)
     rl.on_progress(job.id, 5, 5, 0, x, x)  # the last step's preview, then at once the job's end
     rl.on_finished(job.id, x, {})
     fails.set()
@@ -251,11 +248,8 @@ async def test_a_last_preview_that_fails_after_the_engine_ended_the_job_still_fa
 async def test_a_preview_that_fails_for_a_job_handed_back_leaves_it_to_its_next_owner(
     dispatcher, r, redis_server, monkeypatch
 ):
-    job = await submit(dispatcher, steps=5)
-    work = Work(job.id, "sample", "tiny", {"n": 1, "steps": 5})
-    fails = threading.Event()
-    rl, ends, stops = _listener(redis_server, monkeypatch, fails)
-    x = _running(work, rl)
+    job, rl, fails, ends, stops = await _running_job(dispatcher, redis_server, monkeypatch)
+    x = torch.zeros(1, 1, 8, 8)
     rl.on_progress(job.id, 1, 5, 4, x, x)
     rl.drop(job.id)  # handed back (SIGTERM) or taken over; the worker then cancels it in its engine
     rl.on_cancelled(job.id)
