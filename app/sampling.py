@@ -70,7 +70,7 @@ def generate(
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in 1..{T}, got {steps}")
     seed = random_seed() if seed is None else seed
-    device = next(ckpt.unet.parameters()).device
+    device = ckpt.device
     shape = (ckpt.channels, ckpt.resolution, ckpt.resolution)
     if latents is not None and tuple(latents.shape) != (n, *shape):
         raise ValueError(f"latents must have shape {(n, *shape)}, got {tuple(latents.shape)}")

@@ -112,7 +112,7 @@ class Engine:
         self.policy = policy
         self.cpu_engines = cpu_engines  # CPU engines in this process: they share its threads
         self.unet = ckpt.unet.eval()
-        self.device = next(self.unet.parameters()).device
+        self.device = ckpt.device
         self.fast = fast or FastPath()
         self.forward = Forward(self.unet, self.fast, device=self.device, max_batch=max_batch)
         self.buffers = StepBuffers(self.device, self.forward.memory_format)

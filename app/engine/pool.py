@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-
 from app.engine.engine import Engine, Policy
 from app.engine.fastpath import FastPath
 from app.engine.work import Listener, Work
 from app.nets import Checkpoint
-
-
-def _device(ckpt: Checkpoint) -> torch.device:
-    return next(ckpt.unet.parameters()).device
 
 
 class EnginePool:
@@ -28,7 +22,7 @@ class EnginePool:
     ):
         if not checkpoints:
             raise ValueError("an engine pool needs at least one model")
-        cpu = sum(_device(ckpt).type == "cpu" for ckpt in checkpoints.values())
+        cpu = sum(ckpt.device.type == "cpu" for ckpt in checkpoints.values())
         self.engines = {
             name: Engine(
                 ckpt,

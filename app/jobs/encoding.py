@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 
 import numpy as np
 import torch
@@ -28,6 +29,37 @@ def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
+
+
+def encoding_failure(error: Exception) -> dict[str, str]:
+    """The `error` of a job whose images or a preview could not be encoded."""
+    return {"code": "encoding_failed", "message": f"could not encode the job's images: {error}"}
+
+
+class BrokenJobs:
+    """Jobs failed because a preview could not be encoded while the engine still ran them: what the engine
+    still sends for one is dropped, up to its last word (its end), which forgets it. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._ids: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, job_id: str) -> None:
+        with self._lock:
+            self._ids.add(job_id)
+
+    def drops(self, job_id: str, ends: bool) -> bool:
+        """Whether this update of the job (its end if `ends`) is to be dropped."""
+        with self._lock:
+            if job_id not in self._ids:
+                return False
+            if ends:
+                self._ids.discard(job_id)
+            return True
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._ids)
 
 
 def preview_pngs(x: torch.Tensor) -> list[str]:

@@ -25,7 +25,7 @@ import torch
 from app import metrics
 from app.engine import threads as torch_threads
 from app.engine.work import Work
-from app.jobs.encoding import preview_pngs, result_blobs
+from app.jobs.encoding import BrokenJobs, encoding_failure, preview_pngs, result_blobs
 from app.jobs.records import EventType, Status, utcnow
 from app.jobs.store import InvalidTransition, JobNotFound, JobStore
 
@@ -66,9 +66,9 @@ class JobRunner:
         ]
         self._watched: dict[str, _Watched] = {}
         self._ending: set[str] = set()  # jobs the engine has ended whose end is not in the store yet
-        self._broken: set[str] = set()  # jobs failed for output that could not be encoded: drop the rest
+        self._broken = BrokenJobs()
         self.stop_job: Callable[[str, str], object] | None = None  # (job id, model): cancel in the engine
-        self._lock = threading.Lock()  # guards _watched, _ending and _broken: loop, engine and encoders
+        self._lock = threading.Lock()  # guards _watched and _ending: loop, engine and encoders
         self._tails: dict[str, asyncio.Task[None]] = {}  # event loop only
 
     def watch(self, work: Work) -> None:
@@ -208,11 +208,7 @@ class JobRunner:
     def _encode_then_hop(
         self, job_id: str, encode: Callable[[], Any] | None, apply: Apply, ends: bool
     ) -> None:
-        with self._lock:
-            broken = job_id in self._broken
-            if broken and ends:
-                self._broken.discard(job_id)
-        if broken:  # it failed already: what the engine still sends (until it stops it) is dropped
+        if self._broken.drops(job_id, ends):  # it failed already, while the engine still ran it
             if ends:
                 self._ended(job_id)
             return
@@ -222,9 +218,8 @@ class JobRunner:
             log.exception("job %s: encoding its output failed", job_id)
             payload, apply = None, self._failure(job_id, e)
             if not ends:  # a preview: the job is still running; stop it, and record nothing more of it
-                with self._lock:
-                    self._broken.add(job_id)
-                    watched = self._watched.get(job_id)
+                self._broken.add(job_id)
+                watched = self._lookup(job_id)
                 if self.stop_job is not None and watched is not None:
                     self.stop_job(job_id, watched.model)
         try:
@@ -234,8 +229,7 @@ class JobRunner:
 
     def _failure(self, job_id: str, error: Exception) -> Apply:
         async def apply(_: None) -> None:
-            message = f"could not encode the job's images: {error}"
-            details, finished = {"code": "encoding_failed", "message": message}, utcnow()
+            details, finished = encoding_failure(error), utcnow()
             job = await self._store.update(job_id, status=Status.FAILED, finished_at=finished, error=details)
             await self._store.append_event(job_id, EventType.ERROR, details)
             self._count(job.kind, job.model, "failed", job.started_at, finished)

@@ -63,6 +63,10 @@ class Checkpoint:
     def channels(self) -> int:
         return self.unet.config.in_channels
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """The tensors of a .safetensors file, or of a pickle (.bin/.ckpt/.pt/.pth) read with weights_only=True,

@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 from app import metrics
 from app.engine import threads as torch_threads
 from app.engine.work import Work
-from app.jobs.encoding import preview_pngs, result_blobs
+from app.jobs.encoding import BrokenJobs, encoding_failure, preview_pngs, result_blobs
 from app.jobs.records import EventType, Status, utcnow
 from app.jobs.redis_writer import ENDED, JobWriter
 from app.jobs.runner import grid_columns
@@ -62,9 +62,9 @@ class RedisListener:
             for i in range(threads)
         ]
         self._jobs: dict[str, _Watched] = {}
-        self._broken: set[str] = set()  # failed here for a preview that could not be encoded: drop the rest
+        self._broken = BrokenJobs()
         self.stop_job: Callable[[str, str], object] | None = None  # (job id, model): cancel in the engine
-        self._lock = threading.Lock()  # guards _jobs and _broken: claim loop, engine, heartbeat and writers
+        self._lock = threading.Lock()  # guards _jobs: the claim loop, engine, heartbeat and writer threads
         self._deadline: float | None = None  # time.monotonic() after which retries give up
 
     def watch(self, work: Work, created_at: datetime | None = None) -> None:
@@ -142,7 +142,7 @@ class RedisListener:
                 blobs = result_blobs(images, grid_columns=grid_columns(work) if work is not None else None)
             except Exception as e:  # the job fails, and ends: its slot frees and its entry is acknowledged
                 log.exception("job %s: encoding its images failed", job_id)
-                error = {"code": "encoding_failed", "message": f"could not encode the job's images: {e}"}
+                error = encoding_failure(e)
                 fields = {"finished_at": finished, "error": error}
                 self._end(job_id, work, Status.FAILED, (EventType.ERROR, error), fields, started=started)
                 return
@@ -200,12 +200,12 @@ class RedisListener:
         log.exception("job %s: encoding a preview failed", job_id)
         if watched is None or watched.dropped:
             return
+        self._broken.add(job_id)
         with self._lock:
-            self._broken.add(job_id)
             running = job_id in self._jobs  # else the engine has ended it already
         if running and self.stop_job is not None:  # first: no computing for a job already failed
             self.stop_job(job_id, watched.work.model)
-        error_fields = {"code": "encoding_failed", "message": f"could not encode the job's images: {error}"}
+        error_fields = encoding_failure(error)
         fields = {"finished_at": utcnow(), "error": error_fields}
         event = (EventType.ERROR, error_fields)
         self._end(job_id, watched.work, Status.FAILED, event, fields, started=watched.started)
@@ -277,11 +277,7 @@ class RedisListener:
             log.warning("job %s: update after the writers closed, dropped", job_id)
 
     def _guarded(self, job_id: str, write: Callable[[], None], ends: bool) -> None:
-        with self._lock:
-            broken = job_id in self._broken
-            if broken and ends:
-                self._broken.discard(job_id)
-        if broken:  # it failed here already (a preview): nothing more of it is recorded
+        if self._broken.drops(job_id, ends):  # it failed here already (a preview): nothing more is recorded
             return
         try:
             write()

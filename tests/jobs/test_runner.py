@@ -242,4 +242,4 @@ async def test_a_preview_that_cannot_be_encoded_fails_the_job_stops_it_and_nothi
     job = await store.get("e1", owner=None)
     assert job.status is Status.FAILED and job.step == 1
     assert stopped == [("e1", "tiny")] and failed._value.get() == before + 1
-    assert not runner.ending("e1") and runner._broken == set()
+    assert not runner.ending("e1") and len(runner._broken) == 0
