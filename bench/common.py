@@ -7,9 +7,9 @@ import json
 import os
 import platform
 import statistics
-import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -48,22 +48,8 @@ def like_an_engine(fn: Callable[..., T], *args: object) -> T:
     """`fn(*args)` in a thread of its own that takes the intra-op threads as an engine thread does
     (app.engine.threads): in a confined process, code raced against the engine (diffusers) gets the
     same threads. Run it while no engine runs: two teams at once slow both (libgomp's throttling)."""
-    out: list[T] = []
-    failed: list[BaseException] = []
-
-    def run() -> None:
-        threads.take()
-        try:
-            out.append(fn(*args))
-        except BaseException as e:
-            failed.append(e)
-
-    thread = threading.Thread(target=run, name="like-an-engine")
-    thread.start()
-    thread.join()
-    if failed:
-        raise failed[0]
-    return out[0]
+    with ThreadPoolExecutor(1, thread_name_prefix="like-an-engine", initializer=threads.take) as thread:
+        return thread.submit(fn, *args).result()  # the thread, and its team, end with the block
 
 
 def sync(device: torch.device) -> None:

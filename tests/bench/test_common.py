@@ -13,7 +13,7 @@ def test_like_an_engine_returns_what_fn_returns_from_another_thread():
     def add(a, b):
         return a + b, threading.current_thread().name
 
-    assert like_an_engine(add, 2, 3) == (5, "like-an-engine")
+    assert like_an_engine(add, 2, 3) == (5, "like-an-engine_0")
 
 
 def test_like_an_engine_raises_what_fn_raised():
