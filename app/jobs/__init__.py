@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from app.jobs.memory import MemoryJobStore
 from app.jobs.records import Event, EventType, JobRecord, Status
-from app.jobs.store import InvalidTransition, JobNotFound, JobStore
+from app.jobs.store import InvalidTransition, JobEnded, JobNotFound, JobStore
 from app.settings import Settings
 
 
@@ -21,6 +21,7 @@ __all__ = [
     "Event",
     "EventType",
     "InvalidTransition",
+    "JobEnded",
     "JobNotFound",
     "JobRecord",
     "JobStore",

@@ -11,13 +11,14 @@ import asyncio
 import contextlib
 import copy
 import dataclasses
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.jobs.records import RECORD_FIELDS, Event, EventType, JobRecord, Status, can_transition
-from app.jobs.store import InvalidTransition, JobNotFound
+from app.jobs.store import InvalidTransition, JobEnded, JobNotFound
 
 _SWEEP_INTERVAL_SECONDS = 1.0
 
@@ -36,8 +37,14 @@ class _Entry:
         changed.set()
 
 
+def _ended(entry: _Entry) -> bool:
+    """Whether the job's final event is recorded."""
+    return bool(entry.events) and entry.events[-1].type.final
+
+
 class MemoryJobStore:
-    """`JobStore` in this process's memory; jobs expire `ttl_seconds` after their last change."""
+    """`JobStore` in this process's memory; a job is kept while it has not ended, then expires
+    `ttl_seconds` after its last change."""
 
     def __init__(self, ttl_seconds: float, *, clock: Callable[[], float] = time.monotonic):
         self.ttl_seconds = ttl_seconds
@@ -67,7 +74,10 @@ class MemoryJobStore:
             self._drop(job_id)
 
     def _touch(self, entry: _Entry) -> None:
-        entry.expires_at = self._clock() + self.ttl_seconds
+        # A job waiting in the queue (or running) is never dropped, however long it waits: its client
+        # could no longer find it while the engine still ran it.
+        ended = entry.record.status.terminal
+        entry.expires_at = self._clock() + self.ttl_seconds if ended else math.inf
         entry.notify()
 
     def _entry(self, job_id: str) -> _Entry:
@@ -79,7 +89,8 @@ class MemoryJobStore:
     async def create(self, job: JobRecord) -> None:
         if self._live(job.id) is not None:
             raise ValueError(f"job {job.id} already exists")
-        self._jobs[job.id] = _Entry(copy.deepcopy(job), self._clock() + self.ttl_seconds)
+        entry = self._jobs[job.id] = _Entry(copy.deepcopy(job), math.inf)
+        self._touch(entry)
 
     async def get(self, job_id: str, *, owner: str | None) -> JobRecord | None:
         entry = self._live(job_id)
@@ -97,16 +108,23 @@ class MemoryJobStore:
             if not can_transition(entry.record.status, new):
                 raise InvalidTransition(job_id, entry.record.status, new)
             changes["status"] = new
+        elif _ended(entry):
+            raise JobEnded(job_id)
         entry.record = dataclasses.replace(entry.record, **copy.deepcopy(changes))
         self._touch(entry)
         return copy.deepcopy(entry.record)
 
     async def append_event(self, job_id: str, type: EventType, data: dict[str, Any]) -> Event:
         entry = self._entry(job_id)
+        if _ended(entry):
+            raise JobEnded(job_id)
         event = Event(id=len(entry.events) + 1, type=EventType(type), data=data)
         entry.events.append(event)
         self._touch(entry)
         return event
+
+    async def event_count(self, job_id: str) -> int:
+        return len(self._entry(job_id).events)
 
     async def events(self, job_id: str, after_id: int = 0) -> AsyncIterator[Event]:
         entry = self._entry(job_id)

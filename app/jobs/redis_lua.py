@@ -18,9 +18,9 @@ from datetime import datetime
 from typing import Any
 
 from app.jobs.records import RECORD_FIELDS, JobRecord, Status
-from app.jobs.store import InvalidTransition, JobNotFound
+from app.jobs.store import InvalidTransition, JobEnded, JobNotFound
 
-# Shared by every script: the status machine of records.py, TTL refresh, event append.
+# Shared by every script: the status machine of records.py, expiry, event append.
 _PRELUDE = r"""
 local TERMINAL = {succeeded = true, failed = true, cancelled = true}
 local NEXT = {
@@ -30,8 +30,13 @@ local NEXT = {
 local function allowed(current, new)
   return current == new or (NEXT[current] ~= nil and NEXT[current][new] == true)
 end
+-- An ended job's keys expire together ttl ms after its last change; a job that has not ended (queued,
+-- however long, or running) keeps them: its client must find it while a worker may still run it.
 local function touch(ttl)
-  for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ttl) end
+  local ended = TERMINAL[redis.call('HGET', KEYS[1], 'status')]
+  for i = 1, 4 do
+    if ended then redis.call('PEXPIRE', KEYS[i], ttl) else redis.call('PERSIST', KEYS[i]) end
+  end
 end
 local function append(etype, data)
   local n = redis.call('HINCRBY', KEYS[1], '_events', 1)
@@ -55,11 +60,13 @@ return 1
 """
 )
 
-# ARGV: ttl_ms, new status or '', field, value, …  ->  {'ok', hgetall…} | {'missing'} | {'invalid', current}
+# ARGV: ttl_ms, new status or '', field, value, …
+#   ->  {'ok', hgetall…} | {'missing'} | {'invalid', current} | {'ended'} (no status, after the final event)
 UPDATE = (
     _PRELUDE
     + r"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
+if ARGV[2] == '' and redis.call('HEXISTS', KEYS[1], '_final') == 1 then return {'ended'} end
 if ARGV[2] ~= '' then
   local current = redis.call('HGET', KEYS[1], 'status')
   if not allowed(current, ARGV[2]) then return {'invalid', current} end
@@ -73,11 +80,12 @@ return out
 """
 )
 
-# ARGV: ttl_ms, type, data  ->  the event id, or 0 when the job is unknown.
+# ARGV: ttl_ms, type, data  ->  the event id, 0 when the job is unknown, -1 after its final event.
 APPEND = (
     _PRELUDE
     + r"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HEXISTS', KEYS[1], '_final') == 1 then return -1 end
 local n = append(ARGV[2], ARGV[3])
 touch(ARGV[1])
 return n
@@ -98,14 +106,17 @@ return 1
 # The one way a worker ends a job: status, fields, results and the final event in one step, and only if
 # the job has not ended yet, so two workers finishing the same job after a takeover store one result and
 # make one transition. ARGV: ttl_ms, status, event type, event data, n, n field/value pairs, result
-# name/bytes pairs  ->  'ok' | 'missing' | the terminal status it already had | 'invalid:<current>'.
+# name/bytes pairs  ->  'ok' | 'missing' | the terminal status it already had | 'invalid:<current>' (a
+# status that is not terminal).
 END = (
     _PRELUDE
     + r"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'missing' end
 local current = redis.call('HGET', KEYS[1], 'status')
 if TERMINAL[current] then return current end
-if not allowed(current, ARGV[2]) then return 'invalid:' .. current end
+-- From queued too: the worker holds the job's entry, so it ran it, even if its 'running' write was lost
+-- (a Redis that restarted from a file without its last second).
+if not TERMINAL[ARGV[2]] then return 'invalid:' .. current end
 local last = 5 + 2 * tonumber(ARGV[5])
 redis.call('HSET', KEYS[1], 'status', ARGV[2])
 hset_pairs(KEYS[1], 6, last)
@@ -174,9 +185,10 @@ return {'ok', waiting(KEYS[5])}
 )
 
 # The jobs waiting in one queue, in order, for the API's queue positions: the entries after the consumer
-# group's last delivery (none claimed yet) whose job is still queued, so a job that left the queue without
-# its entry (expired) stops counting like one that left with it (cancelled: XDEL). One step, so an entry
-# claimed meanwhile is never counted. It reads the job hashes the entries name (one Redis, not a Cluster).
+# group's last delivery (none claimed yet) whose job is still queued, so a job that left the queue
+# without its entry (its record lost) stops counting like one that left with it (cancelled: XDEL). One
+# step, so an entry claimed meanwhile is never counted. It reads the job hashes the entries name (one
+# Redis, not a Cluster).
 # KEYS[1]: a queue. ARGV: group, most entries, the job key before the id, after it  ->  job ids.
 WAITING = r"""
 local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
@@ -291,10 +303,12 @@ def ttl_ms(seconds: float) -> int:
 
 
 def updated_record(job_id: str, status: str | None, reply: list[bytes]) -> JobRecord:
-    """The job after an UPDATE script's `reply`; JobNotFound or InvalidTransition if it refused."""
+    """The job after an UPDATE script's `reply`; JobNotFound, InvalidTransition or JobEnded if it refused."""
     outcome = reply[0].decode()
     if outcome == "missing":
         raise JobNotFound(job_id)
+    if outcome == "ended":
+        raise JobEnded(job_id)
     if outcome == "invalid":
         raise InvalidTransition(job_id, Status(reply[1].decode()), Status(status))
     return record_from_hash(pairs_to_dict(reply[1:]))

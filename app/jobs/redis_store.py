@@ -3,8 +3,8 @@
 Layout (app/jobs/redis_keys.py): a hash per job, a stream of its events whose entry `0-n` is event n (so
 replay and Last-Event-ID resume are one XRANGE from any replica, and followers block on XREAD), and a
 hash of its result blobs. Every change runs as one Lua script (app/jobs/redis_lua.py) that checks the
-job exists, applies the change and re-arms the TTL of all of the job's keys, so they expire together
-`ttl_seconds` after the last change, exactly like the in-process store.
+job exists, applies the change and re-arms the expiry of all of the job's keys: none while the job has
+not ended, then together `ttl_seconds` after its last change, exactly like the in-process store.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from app.jobs import redis_lua as lua
 from app.jobs.records import Event, EventType, JobRecord
 from app.jobs.redis_connect import async_client
 from app.jobs.redis_keys import Keys
-from app.jobs.store import JobNotFound
+from app.jobs.store import JobEnded, JobNotFound
 
 _BATCH = 100  # events per XRANGE/XREAD round trip
 _MAX_BLOCK_MS = 1000  # a follower re-checks expiry and shutdown at least this often
@@ -39,7 +39,8 @@ def event_from_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Event:
 
 
 class RedisJobStore:
-    """`JobStore` in Redis; jobs expire `ttl_seconds` after their last change."""
+    """`JobStore` in Redis; a job is kept while it has not ended, then expires `ttl_seconds` after its
+    last change."""
 
     def __init__(self, client: redis.asyncio.Redis, ttl_seconds: float, *, keys: Keys | None = None):
         self.redis = client
@@ -79,9 +80,17 @@ class RedisJobStore:
         event_id = await self._append(
             keys=self.keys.job_keys(job_id), args=[self._ttl, kind.value, json.dumps(data)]
         )
+        if event_id == -1:
+            raise JobEnded(job_id)
         if not event_id:
             raise JobNotFound(job_id)
         return Event(id=int(event_id), type=kind, data=data)
+
+    async def event_count(self, job_id: str) -> int:
+        exists, count = await self.redis.hmget(self.keys.job(job_id), "status", "_events")
+        if exists is None:
+            raise JobNotFound(job_id)
+        return int(count or 0)
 
     async def events(self, job_id: str, after_id: int = 0) -> AsyncIterator[Event]:
         job_key, events_key = self.keys.job(job_id), self.keys.events(job_id)
@@ -95,7 +104,7 @@ class RedisJobStore:
                         pipe.hmget(job_key, "_final", "_events")
                         pipe.pttl(job_key)
                         (final, count), ttl = await pipe.execute()
-                    if ttl < 0:  # -2: gone (expired, or never existed)
+                    if ttl == -2:  # gone (expired, or never existed); -1: not ended, kept
                         if not known:
                             raise JobNotFound(job_id)
                         return
@@ -103,8 +112,9 @@ class RedisJobStore:
                     if (final and int(count or 0) <= position) or self._closed:
                         return  # past the final event (a resume after it), or shutting down
                     # Wake when an event comes, the job expires, or a second passes (BLOCK 0 = forever).
+                    block = _MAX_BLOCK_MS if ttl < 0 else max(1, min(ttl, _MAX_BLOCK_MS))
                     reply = await self.redis.xread(
-                        {events_key: stream_id(position)}, count=_BATCH, block=max(1, min(ttl, _MAX_BLOCK_MS))
+                        {events_key: stream_id(position)}, count=_BATCH, block=block
                     )
                     batch = reply[0][1] if reply else []
                 known = True

@@ -27,7 +27,7 @@ from app.engine import threads as torch_threads
 from app.engine.work import Work
 from app.jobs.encoding import BrokenJobs, encoding_failure, preview_pngs, result_blobs
 from app.jobs.records import EventType, Status, utcnow
-from app.jobs.store import InvalidTransition, JobNotFound, JobStore
+from app.jobs.store import InvalidTransition, JobEnded, JobNotFound, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ class JobRunner:
             await asyncio.wait([previous])
         try:
             await apply(payload)
-        except (JobNotFound, InvalidTransition) as e:
+        except (JobNotFound, InvalidTransition, JobEnded) as e:
             # Expired meanwhile, or already ended (e.g. cancelled just as it finished): nothing to record.
             log.info("job %s: update skipped: %s", job_id, e)
         except Exception:

@@ -3,8 +3,10 @@
 Every method is a coroutine (or an async iterator) and every value crossing it is a plain record, event
 or `bytes`, so a network-backed store can implement it without leaking queues or locks to callers.
 
-Expiry: a job, its events and its results are kept for `ttl_seconds` after the job last changed
-(created, started, progressed, ended); after that the job is unknown, exactly like a wrong id.
+Expiry: a job, its events and its results are kept while the job has not ended (queued however long,
+or running), then for `ttl_seconds` after it last changed; after that the job is unknown, exactly like a
+wrong id. After its final event (done or error) a job takes no more events nor progress: a worker still
+computing a job that was cancelled or ended elsewhere cannot add to it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,13 @@ from app.jobs.records import Event, EventType, JobRecord, Status
 
 class JobNotFound(LookupError):
     """No such job: never created, or expired."""
+
+
+class JobEnded(ValueError):
+    """A change to a job after its final event: it has ended, and nothing more is recorded."""
+
+    def __init__(self, job_id: str):
+        super().__init__(f"job {job_id} has ended: nothing more is recorded")
 
 
 class InvalidTransition(ValueError):
@@ -38,10 +47,15 @@ class JobStore(Protocol):
         """The job if it exists, has not expired and was made by `owner` (None = no auth); else None."""
 
     async def update(self, job_id: str, **changes: Any) -> JobRecord:
-        """Change fields of a job and return it; raises JobNotFound or InvalidTransition (for `status`)."""
+        """Change fields of a job and return it; raises JobNotFound, InvalidTransition (for `status`), or
+        JobEnded for a change without `status` after the job's final event."""
 
     async def append_event(self, job_id: str, type: EventType, data: dict[str, Any]) -> Event:
-        """Add an event with the next id (1, 2, …) and wake every follower of the job."""
+        """Add an event with the next id (1, 2, …) and wake every follower of the job; JobEnded after the
+        job's final event."""
+
+    async def event_count(self, job_id: str) -> int:
+        """How many events the job has so far (the id of its last); raises JobNotFound if unknown."""
 
     def events(self, job_id: str, after_id: int = 0) -> AsyncIterator[Event]:
         """The job's events with id > after_id: the recorded ones, then new ones as they come, ending

@@ -101,7 +101,11 @@ class RedisListener:
                     )
                 )
             except (JobNotFound, InvalidTransition) as e:
-                log.info("job %s: not marked running: %s", job_id, e)  # cancelled or expired: polled soon
+                # Cancelled while queued (after this worker read its entry), or ended elsewhere: stop
+                # computing it now rather than at the next cancel poll; nothing of it is recorded.
+                log.info("job %s: not marked running: %s; stopping it", job_id, e)
+                if watched is not None and self.stop_job is not None:
+                    self.stop_job(job_id, watched.work.model)
 
         self._post(job_id, write)
 

@@ -114,7 +114,7 @@ class Worker:
         returns when everything has stopped."""
         self.pool.start()
         self._update_device_memory()  # the models are on the device: their weights are in the first reading
-        self._until_connected(self._announce)
+        self._announce()
         threads = [
             threading.Thread(target=self._heartbeat_loop, name="ddpm-heartbeat", daemon=True),
             threading.Thread(target=self._cancel_loop, name="ddpm-cancel-poll", daemon=True),
@@ -132,9 +132,17 @@ class Worker:
             self._retire()
 
     def _announce(self) -> None:
-        registry.publish(self.redis, self.keys, self.info, self.specs, self._heartbeat_ttl)
-        self.queue.ensure_groups()
-        self._start_all(self.queue.own_leftovers())
+        """Publish this worker and its models, then resume what a previous process of the same name left
+        pending. Each step is retried alone while Redis is away: the leftovers are claimed once (each
+        claim counts a delivery), and a job already started is not started again."""
+        self._until_connected(
+            lambda: registry.publish(self.redis, self.keys, self.info, self.specs, self._heartbeat_ttl)
+        )
+        self._until_connected(self.queue.ensure_groups)
+        leftovers: list[Delivery] = []
+        self._until_connected(lambda: leftovers.extend(self.queue.own_leftovers()))
+        for delivery in leftovers:
+            self._until_connected(lambda delivery=delivery: self._start_all([delivery]))
 
     def _until_connected(self, step) -> None:
         delay = 0.1
@@ -178,15 +186,23 @@ class Worker:
                         self._changed.wait(READ_BLOCK_MS / 1000)
                     continue
                 if time.monotonic() >= next_takeover:
-                    next_takeover = time.monotonic() + self.settings.worker_heartbeat_seconds
-                    self._start_all(self.queue.take_over(free))
-                    continue  # free rows changed
+                    if not self._take_over():  # else free rows changed: look again at once
+                        next_takeover = time.monotonic() + self.settings.worker_heartbeat_seconds
+                    continue
                 self._start_all(self.queue.read(count=1, block_ms=READ_BLOCK_MS))
                 delay = 0.1
             except RedisError as e:
                 log.warning("worker %s: Redis unavailable (%s); retrying in %.1f s", self.name, e, delay)
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 2.0)
+
+    def _take_over(self) -> bool:
+        """Take over one entry idle past the reclaim time (its worker died or stalled) and start it;
+        whether there was one. One at a time, like `read`: an entry is a whole job, whatever its rows, so
+        taking one per free row would hoard jobs that idle workers should run."""
+        taken = self.queue.take_over(1)
+        self._start_all(taken)
+        return bool(taken)
 
     def _start_all(self, deliveries: list[Delivery]) -> None:
         for delivery in deliveries:
@@ -202,12 +218,15 @@ class Worker:
 
     def _start(self, delivery: Delivery) -> None:
         job_id = delivery.job_id
+        with self._changed:
+            if job_id in self._claims:  # running here already (a retried start-up, or its own entry back)
+                return
+        status, created_at = self.writer.status_and_created(job_id)
+        if status is None or status.terminal:  # expired, cancelled while queued, or ended: nothing to run
+            self.queue.ack(delivery)
+            return
         if delivery.deliveries > self.settings.max_deliveries:
             self._dead_letter(delivery)
-            return
-        status, created_at = self.writer.status_and_created(job_id)
-        if status is None or status.terminal:  # expired, or cancelled while queued: nothing to run
-            self.queue.ack(delivery)
             return
         try:
             work = work_from(delivery.fields, self.writer.inputs(job_id))
@@ -240,15 +259,21 @@ class Worker:
         self.queue.ack(delivery)
 
     def _ended(self, job_id: str, acknowledge: bool) -> None:
-        """A job ended here (listener callback, on a writer thread): free its rows, finish its entry."""
+        """A job ended here (listener callback, on a writer thread): finish its entry, free its rows. The
+        entry is acknowledged before the claim goes, so a failed acknowledgement (RedisError, retried by
+        the listener) leaves the claim, and the retry finds it."""
         with self._changed:
-            claim = self._claims.pop(job_id, None)
-            self._changed.notify_all()
+            claim = self._claims.get(job_id)
         if claim is None:
             return
-        metrics.WORKER_CLAIMED.labels(model=claim.work.model).dec()
         if acknowledge:
             self.queue.ack(claim.delivery)
+        with self._changed:
+            if self._claims.get(job_id) is not claim:
+                return
+            del self._claims[job_id]
+            self._changed.notify_all()
+        metrics.WORKER_CLAIMED.labels(model=claim.work.model).dec()
 
     # ---- side threads --------------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:

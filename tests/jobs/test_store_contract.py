@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from app.jobs import EventType, InvalidTransition, JobNotFound, JobRecord, Status
+from app.jobs import EventType, InvalidTransition, JobEnded, JobNotFound, JobRecord, Status
 
 pytestmark = pytest.mark.anyio
 
@@ -139,12 +139,14 @@ async def test_results_round_trip_per_job_and_name(make_store):
         await store.put_result("nope", "0.png", b"x")
 
 
-async def test_jobs_expire_with_their_events_and_results(make_store):
+async def test_jobs_expire_with_their_events_and_results_after_they_end(make_store):
     store = make_store(ttl_seconds=0.3)
     job = new_job()
     await store.create(job)
     await store.append_event(job.id, EventType.PROGRESS, {"step": 1})
     await store.put_result(job.id, "0.png", b"png")
+    await store.update(job.id, status=Status.RUNNING)
+    await store.update(job.id, status=Status.SUCCEEDED)
     await asyncio.sleep(0.45)
     assert await store.get(job.id, owner=None) is None
     assert await store.get_result(job.id, "0.png") is None
@@ -154,14 +156,35 @@ async def test_jobs_expire_with_their_events_and_results(make_store):
         await store.update(job.id, status=Status.RUNNING)
 
 
+@pytest.mark.parametrize("status", [Status.QUEUED, Status.RUNNING])
+async def test_a_job_that_has_not_ended_is_kept_however_long_it_waits(make_store, status):
+    """A job waiting behind long ones outlives the TTL: its client must still find it (and its worker
+    still record its end) when its turn comes."""
+    store = make_store(ttl_seconds=0.3)
+    job = new_job()
+    await store.create(job)
+    await store.put_result(job.id, "input", b"x")
+    if status is Status.RUNNING:
+        await store.update(job.id, status=status)
+    await asyncio.sleep(0.5)
+    assert (await store.get(job.id, owner=None)).status is status
+    assert await store.get_result(job.id, "input") == b"x"
+    await store.update(job.id, status=Status.CANCELLED)  # the TTL starts at the end
+    await asyncio.sleep(0.2)
+    assert (await store.get(job.id, owner=None)).status is Status.CANCELLED
+    await asyncio.sleep(0.25)
+    assert await store.get(job.id, owner=None) is None
+
+
 async def test_a_change_postpones_expiry(make_store):
     store = make_store(ttl_seconds=0.4)
     job = new_job()
     await store.create(job)
+    await store.update(job.id, status=Status.FAILED)
     await asyncio.sleep(0.25)
-    await store.update(job.id, status=Status.RUNNING)
-    await asyncio.sleep(0.25)  # 0.5 s after creation, 0.25 s after the change
-    assert (await store.get(job.id, owner=None)).status is Status.RUNNING
+    await store.append_event(job.id, EventType.ERROR, {"code": "x", "message": "y"})
+    await asyncio.sleep(0.25)  # 0.5 s after the end, 0.25 s after the last change
+    assert (await store.get(job.id, owner=None)).status is Status.FAILED
 
 
 async def test_a_follower_of_a_job_that_expires_stops(make_store):
@@ -169,5 +192,36 @@ async def test_a_follower_of_a_job_that_expires_stops(make_store):
     job = new_job()
     await store.create(job)
     await store.append_event(job.id, EventType.PROGRESS, {"step": 1})
+    await store.update(job.id, status=Status.FAILED)  # ended, though no final event came
     events = await collect(store, job.id, timeout=2.0)
     assert [e.id for e in events] == [1]
+
+
+async def test_event_count_is_the_id_of_the_last_event(make_store):
+    store = make_store()
+    job = new_job()
+    await store.create(job)
+    assert await store.event_count(job.id) == 0
+    await store.append_event(job.id, EventType.PROGRESS, {"step": 1})
+    await store.append_event(job.id, EventType.DONE, {"status": "succeeded"})
+    assert await store.event_count(job.id) == 2
+    with pytest.raises(JobNotFound):
+        await store.event_count("nope")
+
+
+async def test_after_its_final_event_a_job_takes_no_more_events_nor_progress(make_store):
+    """A worker still computing a job cancelled (or ended) elsewhere cannot add to it: a client resuming
+    after `done` must never be sent a `progress`."""
+    store = make_store()
+    job = new_job()
+    await store.create(job)
+    await store.update(job.id, status=Status.CANCELLED)
+    await store.append_event(job.id, EventType.DONE, {"status": "cancelled"})
+    with pytest.raises(JobEnded):
+        await store.append_event(job.id, EventType.PROGRESS, {"step": 1})
+    with pytest.raises(JobEnded):
+        await store.update(job.id, step=1, steps=50)
+    with pytest.raises(JobEnded):
+        await store.append_event(job.id, EventType.DONE, {"status": "cancelled"})  # nor a second end
+    assert [e.id for e in await collect(store, job.id)] == [1]
+    assert (await store.get(job.id, owner=None)).step == 0

@@ -25,6 +25,8 @@ from app.jobs.redis_writer import ENDED, JobWriter
 from app.jobs.registry import ModelSpec
 from app.settings import Settings
 from app.worker import Worker
+from app.worker.listener import RedisListener
+from app.worker.worker import Claim
 from tests.redis_server import RedisServer
 from tests.tiny import tiny_checkpoint
 
@@ -484,3 +486,127 @@ def test_device_memory_is_read_for_the_worker_s_own_cuda_device_and_never_on_a_c
         for device in ("cuda:0", "cuda:1"):
             with contextlib.suppress(KeyError):
                 gauge.remove(device)
+
+
+def idle_on_ghost(r: redis.Redis, count: int) -> list[bytes]:
+    """The queue's next `count` entries, taken by a worker that died (idle well past the reclaim time)."""
+    queue = KEYS.queue("tiny")
+    [(_, entries)] = r.xreadgroup(GROUP, "ghost", {queue: ">"}, count=count)
+    ids = [entry_id for entry_id, _ in entries]
+    r.xclaim(queue, GROUP, "ghost", 0, ids, idle=10_000)
+    return ids
+
+
+async def test_a_worker_ends_a_job_whose_running_mark_redis_lost(dispatcher, r, redis_server):
+    """Redis restarted from a file without its last second: the job reads `queued` again, but the worker
+    that holds its entry ran it; its end is recorded, not refused (the entry would be acknowledged and
+    the job left queued with no entry)."""
+    job = await submit(dispatcher)
+    writer = JobWriter(sync_client(redis_server.url), 60)
+    done = (EventType.DONE, {"status": "succeeded"})
+    assert (
+        writer.end(job.id, Status.SUCCEEDED, done, {"result": {"image_count": 1}}, {"0.png": b"png"}) == ENDED
+    )
+    assert status(r, job.id) == "succeeded" and r.hget(KEYS.results(job.id), "0.png") == b"png"
+    assert final_events(r, job.id) == [b"done"]
+
+
+async def test_a_job_cancelled_after_a_worker_read_it_is_stopped_and_gets_nothing_more(
+    dispatcher, r, redis_server
+):
+    """Cancelled while queued, just after a worker took its entry: the worker's start is refused, so it
+    stops the job in its engine at once, and its progress never lands after the `done` event."""
+    job = await submit(dispatcher)
+    r.xreadgroup(GROUP, "w", {KEYS.queue("tiny"): ">"}, count=1)
+    await dispatcher.cancel(job)
+    assert status(r, job.id) == "cancelled"
+    stopped: list[tuple[str, str]] = []
+    listener = RedisListener(JobWriter(sync_client(redis_server.url), 60), on_end=lambda *_: None)
+    listener.stop_job = lambda job_id, model: stopped.append((job_id, model))
+    listener.watch(Work(job.id, "sample", "tiny", {"n": 1}))
+    listener.on_started(job.id, 50)
+    listener.on_progress(job.id, 1, 50, 49, torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8))
+    listener.close(time.monotonic() + 5)
+    assert stopped == [(job.id, "tiny")]
+    assert [f[b"type"] for _, f in r.xrange(KEYS.events(job.id))] == [b"done"]
+    record = r.hgetall(KEYS.job(job.id))
+    assert record[b"status"] == b"cancelled" and record[b"step"] == b"0" and record[b"started_at"] == b"null"
+
+
+async def test_a_failed_acknowledgement_is_retried_and_lands(dispatcher, r, redis_server, monkeypatch):
+    job = await submit(dispatcher)
+    worker = Worker(settings(redis_server), {"tiny": tiny_checkpoint(timesteps=50)}, r, name="w")
+    [delivery] = worker.queue.read(count=1, block_ms=100)
+    worker._claims[job.id] = Claim(delivery, Work(job.id, "sample", "tiny", {"n": 1}), rows=1)
+    attempts: list[str] = []
+    ack = worker.queue.ack
+
+    def flaky(d):
+        attempts.append(d.entry_id)
+        if len(attempts) == 1:
+            raise redis.ConnectionError("a blip")
+        ack(d)
+
+    monkeypatch.setattr(worker.queue, "ack", flaky)
+    worker.listener._retry(lambda: worker._ended(job.id, True))  # as the listener acknowledges an end
+    assert attempts == [delivery.entry_id] * 2
+    assert worker._claims == {} and worker.free_rows() == 8
+    assert r.xpending(KEYS.queue("tiny"), GROUP)["pending"] == 0 and r.xlen(KEYS.queue("tiny")) == 0
+
+
+async def test_an_entry_over_the_delivery_limit_of_a_job_that_ended_is_acknowledged_not_dead_lettered(
+    dispatcher, r, redis_server
+):
+    job = await submit(dispatcher)
+    idle_on_ghost(r, 1)  # it finished the job, then died before acknowledging its entry
+    JobWriter(sync_client(redis_server.url), 60).end(
+        job.id, Status.SUCCEEDED, (EventType.DONE, {"status": "succeeded"}), {"result": {"image_count": 1}}
+    )
+    worker = Worker(
+        settings(redis_server, max_deliveries=1), {"tiny": tiny_checkpoint(timesteps=50)}, r, name="w"
+    )
+    assert worker._take_over()
+    assert status(r, job.id) == "succeeded" and final_events(r, job.id) == [b"done"]
+    assert r.xlen(KEYS.dead_letter("tiny")) == 0
+    assert r.xlen(KEYS.queue("tiny")) == 0 and r.xpending(KEYS.queue("tiny"), GROUP)["pending"] == 0
+
+
+async def test_a_redis_error_at_start_up_starts_each_leftover_once(dispatcher, r, redis_server, monkeypatch):
+    """A worker restarted under its old name resumes its pending entries; a Redis error half-way through
+    retries only what failed: nothing is submitted twice, and the entries are claimed once."""
+    jobs = [await submit(dispatcher) for _ in range(2)]
+    r.xreadgroup(GROUP, "w", {KEYS.queue("tiny"): ">"}, count=2)  # the previous process's
+    worker = Worker(settings(redis_server), {"tiny": tiny_checkpoint(timesteps=50)}, r, name="w")
+    submitted: list[str] = []
+    monkeypatch.setattr(worker.pool, "submit", lambda work: submitted.append(work.job_id))
+    reads = worker.writer.status_and_created
+    calls = [0]
+
+    def flaky(job_id):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise redis.ConnectionError("a blip")
+        return reads(job_id)
+
+    monkeypatch.setattr(worker.writer, "status_and_created", flaky)
+    worker._announce()
+    assert submitted == [job.id for job in jobs]
+    pending = r.xpending_range(KEYS.queue("tiny"), GROUP, min="-", max="+", count=10)
+    assert [p["times_delivered"] for p in pending] == [2, 2]  # read once, claimed back once
+    assert sorted(worker._claims) == sorted(job.id for job in jobs)
+
+
+async def test_a_takeover_claims_one_job_at_a_time_not_one_per_free_row(
+    dispatcher, r, redis_server, monkeypatch
+):
+    jobs = [await submit(dispatcher, n=8) for _ in range(2)]
+    ids = idle_on_ghost(r, 2)
+    worker = Worker(settings(redis_server, max_batch=4), {"tiny": tiny_checkpoint(timesteps=50)}, r, name="w")
+    submitted: list[str] = []
+    monkeypatch.setattr(worker.pool, "submit", lambda work: submitted.append(work.job_id))
+    assert worker._take_over()
+    assert submitted == [jobs[0].id] and worker.free_rows() == -4  # full: the claim loop takes no more
+    owners = {
+        p["message_id"]: p["consumer"] for p in r.xpending_range(KEYS.queue("tiny"), GROUP, "-", "+", 10)
+    }
+    assert owners == {ids[0]: b"w", ids[1]: b"ghost"}
