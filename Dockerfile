@@ -86,7 +86,7 @@ RUN pip install --no-deps --no-build-isolation --no-cache-dir -e . \
     && python -m compileall -q app \
     && python -c "from app.cli import BUNDLED_MODEL; from app.nets import resolve_model; \
 print(resolve_model(str(BUNDLED_MODEL)).name)" \
-    && ddpm-serve --help > /dev/null && ddpm-worker --help > /dev/null \
+    && ddpm --help > /dev/null && ddpm-serve --help > /dev/null && ddpm-worker --help > /dev/null \
     && mkdir /models
 USER ${UID}:${UID}
 EXPOSE 8000 8001

@@ -85,7 +85,8 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description="most denoising steps per request; none = T of each model (likelihood and interpolation "
-        "from seeds take T steps, so a smaller limit refuses them)",
+        "from seeds take T steps, so a smaller limit refuses them; a request that names no steps or t gets "
+        "at most this many)",
     )
     max_preview_events: int = Field(
         200,
@@ -94,8 +95,15 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest request body, in bytes")
     max_queued_jobs: int = Field(256, ge=1, description="queued jobs beyond which POSTs get 429")
-    job_ttl_seconds: float = Field(3600.0, gt=0, description="seconds a job and its results are kept")
-    max_streams_per_key: int = Field(8, ge=1, description="concurrent /stream connections per API key")
+    job_ttl_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="seconds a job and its results are kept after it ends (a job that has not ended is "
+        "kept however long it waits)",
+    )
+    max_streams_per_key: int = Field(
+        8, ge=1, description="concurrent /stream connections per API key (without keys: per client address)"
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         repr=False,

@@ -31,7 +31,10 @@ _PREVIEWS = (
 )
 _STREAM_EVERY = Field(10, ge=0, le=100_000, description=_PREVIEWS)
 _STREAM_EVERY_OFF = Field(0, ge=0, le=100_000, description=_PREVIEWS)
-_T = "1..T of the model: how far to diffuse before the reverse process (default: T // 2)"
+_T = (
+    "1..T of the model: how far to diffuse before the reverse process (default: T // 2, or "
+    "DDPM_MAX_STEPS if the server allows fewer steps)"
+)
 _OUTPUT = Field("png", description="format of the result image URLs: 8-bit PNG or float32 .npy")
 
 
@@ -165,7 +168,10 @@ class SampleRequest(Request):
     model: str | None = _MODEL
     n: int = Field(1, ge=1, le=4096, description="number of images, 1..max_images (server setting)")
     steps: int | None = Field(
-        None, ge=1, description="reverse steps, 1..T (default T); fewer use the trailing timesteps"
+        None,
+        ge=1,
+        description="reverse steps, 1..T (default T, or DDPM_MAX_STEPS if the server allows fewer); fewer "
+        "use the trailing timesteps",
     )
     sampler: Sampler = Field("ddpm", description="ddpm (ancestral, Algorithm 2) or ddim")
     eta: float = Field(

@@ -21,7 +21,7 @@ from app.api.dispatch import CancelOutcome, Dispatcher, ModelEntry, QueueFull, U
 from app.api.errors import ApiError, invalid, not_found
 from app.api.uploads import decode_image
 from app.engine.work import Work
-from app.jobs import EventType, InvalidTransition, JobNotFound, JobRecord, JobStore, Status
+from app.jobs import EventType, InvalidTransition, JobEnded, JobNotFound, JobRecord, JobStore, Status
 from app.jobs.encoding import GRID, npy_bytes, npy_name, png_name
 from app.jobs.records import utcnow
 from app.settings import Settings
@@ -101,12 +101,15 @@ class JobService:
     ) -> np.ndarray:
         """Image `index` of an earlier job of `owner`'s, as its exact float values (C, H, W).
 
-        404 if the job is unknown or not the caller's, 422 if it ran on another model or has no such
-        image, 409 while it has not succeeded. `prefix` locates the source in the request ("a.").
+        404 if the job is unknown or not the caller's, 422 if it ran on another model, makes no images
+        (likelihood) or has no such image, 409 while it has not succeeded. `prefix` locates the source in
+        the request ("a.").
         """
         job = await self.get(job_id, owner)
         if job.model != entry.name:
             raise invalid(f"{prefix}job", f"job {job.id} ran on model {job.model}, not {entry.name}")
+        if job.kind == "likelihood":
+            raise invalid(f"{prefix}job", f"job {job.id} is a likelihood job: it makes no images to use")
         self.require_succeeded(job)
         count = int((job.result or {}).get("image_count", 0))
         if not 0 <= index < count:
@@ -159,6 +162,13 @@ class JobService:
             raise not_found(f"job {job_id}")
         return job
 
+    async def event_count(self, job_id: str) -> int:
+        """How many events the job has recorded so far; 404 if it expired meanwhile."""
+        try:
+            return await self.store.event_count(job_id)
+        except JobNotFound:
+            raise not_found(f"job {job_id}") from None
+
     async def wait(self, job_id: str, timeout: float | None) -> None:
         """Return when the job has ended (its final event is recorded) or after `timeout` seconds."""
         if timeout is not None and math.isinf(timeout):
@@ -191,7 +201,7 @@ class JobService:
         return await self.get(job.id, job.owner)
 
     async def _end(self, job_id: str, status: Status, error: dict[str, str] | None = None) -> None:
-        with contextlib.suppress(InvalidTransition, JobNotFound):
+        with contextlib.suppress(InvalidTransition, JobNotFound, JobEnded):
             await self.store.update(job_id, status=status, finished_at=utcnow(), error=error)
             if error is not None:
                 await self.store.append_event(job_id, EventType.ERROR, error)

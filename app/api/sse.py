@@ -70,20 +70,21 @@ class Draining:
 
 
 class StreamLimiter:
-    """Counts open streams per caller; lives on the event loop, so no lock is needed."""
+    """Counts open streams per caller (("key", API key) or ("address", host)); lives on the event loop,
+    so no lock is needed."""
 
     def __init__(self, per_key: int):
         self.per_key = per_key
-        self._open: Counter[str] = Counter()
+        self._open: Counter[tuple[str, str]] = Counter()
 
-    def acquire(self, key: str) -> bool:
+    def acquire(self, key: tuple[str, str]) -> bool:
         if self._open[key] >= self.per_key:
             return False
         self._open[key] += 1
         metrics.SSE_STREAMS.inc()
         return True
 
-    def release(self, key: str) -> None:
+    def release(self, key: tuple[str, str]) -> None:
         self._open[key] -= 1
         if self._open[key] <= 0:
             del self._open[key]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import tokenize
 
 import numpy as np
 from numpy.lib import format as npy_format
@@ -19,6 +20,10 @@ from PIL import Image, UnidentifiedImageError
 from app.api.errors import ApiError, invalid
 from app.api.schemas import MAX_LATENT_ABS
 from app.images import from_uint8
+
+# What numpy raises on a malformed .npy: a header it cannot parse (version 1.0/2.0 headers go through
+# `tokenize`, which raises its own TokenError on an unclosed bracket), a short or unreadable file.
+_NOT_NPY = (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError)
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
 # Lossy codecs do not keep a grey pixel's channels exactly equal: libwebp's YUV -> RGB conversion puts G
@@ -193,7 +198,7 @@ def decode_latents(
             npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
         )
         declared, _, dtype = read_header(stream)
-    except (ValueError, OSError, EOFError) as e:
+    except _NOT_NPY as e:
         raise invalid(field, f"not a .npy array ({e})") from None
     if dtype.kind != "f" or dtype.itemsize > 8:
         raise invalid(field, f"expected floating-point (float32) values, got {dtype}")
@@ -202,7 +207,7 @@ def decode_latents(
     stream.seek(0)
     try:
         array = np.load(stream, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
+    except _NOT_NPY as e:
         raise invalid(field, f"not a .npy array ({e})") from None
     if not np.isfinite(array).all():
         raise invalid(field, "contains NaN or infinite values")

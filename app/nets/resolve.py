@@ -73,7 +73,7 @@ def _download(repo_id: str, revision: str | None) -> Path:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise CheckpointError(
-            f"hf:{repo_id}: the Hugging Face Hub needs huggingface_hub: pip install 'ddpm-serve[hub]'"
+            f"hf:{repo_id}: the Hugging Face Hub needs huggingface_hub: .venv/bin/pip install -e '.[hub]'"
         ) from None
 
     def fetch(patterns: list[str]) -> Path:

@@ -74,8 +74,18 @@ def test_a_likelihood_job_has_no_images(client):
         assert "result.bits_per_dim" in error["message"] and "not found" not in error["message"]
     unknown = client.get(f"/jobs/{'0' * 32}/grid.png")
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
+    # Nor is it a source of images for another job: the field named is the one the client sent.
     response = client.post("/reconstruct", json={"job": job["id"], "t": 3, "n": 1})
-    assert response.status_code == 422 and "has no images" in response.json()["error"]["message"]
+    assert response.status_code == 422
+    assert (
+        response.json()["error"]["message"]
+        == f"job: job {job['id']} is a likelihood job: it makes no images to use"
+    )
+    response = client.post(
+        "/interpolate", json={"a": {"job": job["id"]}, "b": {"image": B}, "t": 3, "num": 2}
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["message"].startswith(f"a.job: job {job['id']} is a likelihood job")
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import httpx
 import pytest
 
 from tests.api.conftest import live_server, png_b64, server_settings, wait_done, wait_for
@@ -136,3 +137,63 @@ def test_jobs_expire_and_an_engine_that_stopped_makes_readyz_503(model_dirs):
             client.delete(f"/jobs/{queued['id']}").json()["status"] == "cancelled"
         )  # ended without the engine
         assert time.monotonic() - start < 2
+
+
+def test_a_job_queued_longer_than_the_ttl_is_kept_and_runs(model_dirs):
+    """The TTL counts from a job's end: one waiting behind long jobs is still there when its turn comes."""
+    settings = server_settings(model_dirs[:1], max_batch=1, job_ttl_seconds=1)
+    with live_server(settings) as live, live.client() as client:
+        running = client.post("/sample", json=LONG).json()
+        wait_for(client, running["id"], lambda job: job["status"] == "running")
+        queued = client.post("/sample", json={"n": 1, "steps": 2}).json()
+        time.sleep(1.5)
+        assert client.get(f"/jobs/{queued['id']}").json()["status"] == "queued"
+        client.delete(f"/jobs/{running['id']}")
+        assert wait_done(client, queued["id"])["status"] == "succeeded"
+        assert client.get(f"/jobs/{queued['id']}/images/0.png").status_code == 200
+        time.sleep(1.3)  # then it expires like any other
+        assert client.get(f"/jobs/{queued['id']}").status_code == 404
+
+
+def test_a_server_step_limit_below_the_defaults_lowers_them(model_dirs):
+    """T = 100 and DDPM_MAX_STEPS = 10: a request that names no steps (or t) gets the most allowed, not a
+    422 about a value it never sent; one that names more is refused."""
+    with live_server(server_settings(model_dirs[1:], max_steps=10)) as live, live.client() as client:
+        sample = client.post("/sample", json={"n": 1})
+        assert sample.status_code == 202 and sample.json()["params"]["steps"] == 10
+        reconstruct = client.post("/reconstruct", json={"image": png_b64(1), "n": 1})
+        assert reconstruct.status_code == 202 and reconstruct.json()["params"]["t"] == 10
+        ends = {"a": {"image": png_b64(1)}, "b": {"image": png_b64(2)}, "num": 2}
+        interpolate = client.post("/interpolate", json=ends)
+        assert interpolate.status_code == 202 and interpolate.json()["params"]["t"] == [10]
+        for response in (sample, reconstruct, interpolate):
+            assert wait_done(client, response.json()["id"])["status"] == "succeeded"
+        refused = client.post("/sample", json={"n": 1, "steps": 11})
+        assert refused.status_code == 422 and "must be 1..10" in refused.json()["error"]["message"]
+
+
+def test_with_api_keys_the_stream_limit_is_per_key_whatever_the_address(model_dirs):
+    settings = server_settings(model_dirs[:1], api_keys=[KEY_A, KEY_B], max_streams_per_key=1, max_batch=2)
+    with (
+        live_server(settings) as live,
+        live.client(**{"X-API-Key": KEY_A}) as alice,
+        live.client(**{"X-API-Key": KEY_B}) as bob,
+        httpx.Client(
+            base_url=live.url,
+            transport=httpx.HTTPTransport(local_address="127.0.0.2"),
+            headers={"X-API-Key": KEY_A},
+            timeout=60,
+        ) as alice_elsewhere,
+    ):
+        mine, theirs = alice.post("/sample", json=LONG).json(), bob.post("/sample", json=LONG).json()
+        with alice.stream("GET", f"/stream/{mine['id']}") as first:
+            assert first.status_code == 200
+            refused = alice_elsewhere.get(f"/stream/{mine['id']}")
+            assert refused.status_code == 429
+            assert refused.json()["error"]["message"] == (
+                "this API key has 1 stream open, the most allowed (DDPM_MAX_STREAMS_PER_KEY); close one first"
+            )
+            with bob.stream("GET", f"/stream/{theirs['id']}") as other_key:
+                assert other_key.status_code == 200
+        alice.delete(f"/jobs/{mine['id']}")
+        bob.delete(f"/jobs/{theirs['id']}")

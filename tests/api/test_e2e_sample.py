@@ -343,6 +343,21 @@ def test_last_event_id_resumes_after_that_event(client):
     for value in (b"soon", "\u00b2".encode("latin-1"), b"9" * 5000):
         bad = client.get(f"/stream/{job['id']}", headers={"Last-Event-ID": value})
         assert bad.status_code == 422 and "Last-Event-ID" in bad.json()["error"]["message"]
+    # After the last event (done): nothing more to send. Past it: no such event, said, not an empty stream.
+    last = everything[-1].id
+    assert stream(client, job["id"], headers={"Last-Event-ID": str(last)}) == []
+    beyond = client.get(f"/stream/{job['id']}", headers={"Last-Event-ID": str(last + 1)})
+    assert beyond.status_code == 422
+    assert beyond.json()["error"]["message"] == (
+        f"Last-Event-ID: this stream has no event {last + 1}: its events so far are 1..{last}"
+    )
+
+
+def test_a_last_event_id_past_a_running_jobs_events_is_a_422(client):
+    job = post_sample(client, **LONG)  # stream_every 0: no event until its end
+    response = client.get(f"/stream/{job['id']}", headers={"Last-Event-ID": "3"})
+    assert response.status_code == 422 and "its events so far are 1..0" in response.json()["error"]["message"]
+    client.delete(f"/jobs/{job['id']}")
 
 
 def test_xt_previews_only_when_asked(client):
@@ -368,7 +383,7 @@ def test_an_idle_stream_sends_heartbeats_and_ends_when_the_job_is_cancelled(live
     assert events[-1].event == "done" and events[-1].data["status"] == "cancelled"
 
 
-def test_too_many_streams_for_one_key_is_429(live, client):
+def test_too_many_streams_from_one_address_is_429(live, client):
     job = post_sample(client, **LONG)
     with (
         live.client() as a,
@@ -380,6 +395,14 @@ def test_too_many_streams_for_one_key_is_429(live, client):
         refused = client.get(f"/stream/{job['id']}")
         assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0
         assert refused.json()["error"]["code"] == "too_many_streams"
+        assert refused.json()["error"]["message"].startswith("this address has 2 streams open")
+        # Without API keys the limit is per client address: another host is not shut out.
+        other_host = httpx.HTTPTransport(local_address="127.0.0.2")
+        with (
+            httpx.Client(base_url=live.url, transport=other_host, timeout=60) as other,
+            other.stream("GET", f"/stream/{job['id']}") as third,
+        ):
+            assert third.status_code == 200
     # Both closed: a new stream is accepted again.
     for _ in range(50):
         with client.stream("GET", f"/stream/{job['id']}") as again:

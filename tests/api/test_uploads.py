@@ -10,6 +10,7 @@ import zlib
 
 import numpy as np
 import pytest
+from numpy.lib import format as npy_format
 from PIL import Image
 
 from app.api.errors import ApiError
@@ -326,3 +327,10 @@ def test_latents_that_are_not_npy_are_a_422():
     expect(422, lambda: decode_latents("!!!", shape=(1,), max_bytes=100), "base64")
     text = base64.b64encode(b"just some bytes").decode()
     expect(422, lambda: decode_latents(text, shape=(1,), max_bytes=100), ".npy")
+    # A header numpy cannot parse: version 1.0/2.0 headers go through `tokenize`, whose TokenError on an
+    # unclosed bracket is neither a ValueError nor an OSError.
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (1, 1, 8, 8\n"
+    broken = npy_format.MAGIC_PREFIX + bytes([1, 0]) + len(header).to_bytes(2, "little") + header
+    for data in (broken, broken + b"\0" * 256):
+        text = base64.b64encode(data).decode()
+        expect(422, lambda text=text: decode_latents(text, shape=(1, 1, 8, 8), max_bytes=1000), ".npy")

@@ -39,9 +39,11 @@ CREATED = {
 CREATED_FROM_JOB = {**CREATED, **errors(409)}
 
 
-def default_t(entry: ModelEntry) -> int:
-    """The t of interpolation and reconstruction when none is given: halfway, the paper's t = 500 of 1000."""
-    return max(1, entry.timesteps // 2)
+def default_t(entry: ModelEntry, max_steps: int) -> int:
+    """The t of interpolation and reconstruction when none is given: halfway, the paper's t = 500 of 1000,
+    or the most steps the server allows (`max_steps`) if that is less: a request that names no t is not
+    refused for one it did not ask for."""
+    return max(1, min(entry.timesteps // 2, max_steps))
 
 
 async def reply(

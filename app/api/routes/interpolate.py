@@ -46,8 +46,12 @@ async def interpolate(
     with one shared reverse noise. Images are ordered by t, then λ; the grid has a row per t and a
     column per λ. A `{"seed": s}` source is first sampled with all T steps (Algorithm 2)."""
     entry = call.service.model(body.model)
-    timesteps = entry.timesteps  # T
-    ts = body.t if isinstance(body.t, list) else [body.t if body.t is not None else default_t(entry)]
+    timesteps, max_steps = entry.timesteps, call.service.max_steps(entry)  # T, DDPM_MAX_STEPS or T
+    ts = (
+        body.t
+        if isinstance(body.t, list)
+        else [body.t if body.t is not None else default_t(entry, max_steps)]
+    )
     if not ts:
         raise invalid("t", "give at least one t")
     if not all(1 <= t <= timesteps for t in ts):
@@ -62,7 +66,6 @@ async def interpolate(
         )
     if body.steps is not None and body.steps > min(ts):
         raise invalid("steps", f"must be 1..{min(ts)}: the reverse process from t has at most t steps")
-    max_steps = call.service.max_steps(entry)
     decode_steps = body.steps or max(ts)
     if decode_steps > max_steps:
         raise invalid(

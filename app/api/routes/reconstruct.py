@@ -21,10 +21,10 @@ async def reconstruct(
     one x_t (t steps each): what survives to every reconstruction is what x_t still knew of x₀."""
     entry = call.service.model(body.model)
     call.check_images("n", body.n)
-    t = body.t if body.t is not None else default_t(entry)
+    max_steps = call.service.max_steps(entry)
+    t = body.t if body.t is not None else default_t(entry, max_steps)
     if t > entry.timesteps:
         raise invalid("t", f"must be 1..{entry.timesteps} for model {entry.name} (T = {entry.timesteps})")
-    max_steps = call.service.max_steps(entry)
     if t > max_steps:
         raise invalid("t", f"each reconstruction takes t steps; at most {max_steps} allowed (DDPM_MAX_STEPS)")
     if body.image is not None and "index" in body.model_fields_set:

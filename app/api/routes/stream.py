@@ -81,9 +81,19 @@ _ERRORS = {
         (401, "missing or wrong API key"),
         (404, "unknown or expired job"),
         (422, "bad Last-Event-ID or query"),
-        (429, "too many open streams for this key"),
+        (429, "too many open streams for this API key (without keys: for this client address)"),
     )
 }
+
+
+def _streams(n: int) -> str:
+    return f"{n} stream" if n == 1 else f"{n} streams"
+
+
+def _address(request: Request) -> tuple[str, str]:
+    """The client's address as uvicorn saw it (behind a proxy: from X-Forwarded-For when the proxy is
+    trusted, FORWARDED_ALLOW_IPS)."""
+    return "address", request.client.host if request.client is not None else "unknown"
 
 
 def _after_id(last_event_id: str | None) -> int:
@@ -170,13 +180,19 @@ async def stream(
     server shuts down, the stream ends with a `shutdown` event: reconnect with `Last-Event-ID`."""
     await service.get(job_id, owner)
     after = _after_id(last_event_id)
+    if after and after > (count := await service.event_count(job_id)):  # ids are never skipped
+        raise invalid("Last-Event-ID", f"this stream has no event {after}: its events so far are 1..{count}")
     limiter = request.app.state.streams
-    key = owner or "anonymous"
+    # Per API key; without keys, per client address, so one viewer's tabs cannot shut out the others.
+    key, whose = (
+        (("key", owner), "this API key") if owner is not None else (_address(request), "this address")
+    )
     if not limiter.acquire(key):
         raise ApiError(
             429,
             "too_many_streams",
-            f"{settings.max_streams_per_key} streams are already open for this key; close one first",
+            f"{whose} has {_streams(settings.max_streams_per_key)} open, the most allowed "
+            "(DDPM_MAX_STREAMS_PER_KEY); close one first",
             headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
     draining = request.app.state.draining
