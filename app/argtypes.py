@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
+from app.settings import unavailable
 
 
 def positive_int(text: str) -> int:
@@ -24,6 +24,15 @@ def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite value above 0 (a learning rate, a gradient-norm bound: 0 or less would stop or reverse
+    training without a word)."""
+    value = float(text)
+    if not 0.0 < value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
     return value
 
 
@@ -45,16 +54,8 @@ def decay(text: str) -> float:
 
 def device(text: str) -> str:
     """A torch device this machine has: "cpu", "cuda", "cuda:1", …"""
-    try:
-        parsed = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:N)") from None
-    if parsed.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (parsed.index or 0) >= count:
-            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s)")
-    elif parsed.type != "cpu":
-        raise argparse.ArgumentTypeError(f"{text}: only cpu and cuda devices are supported")
+    if problem := unavailable(text):
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 

@@ -27,6 +27,7 @@ from app.argtypes import (
     non_negative_int,
     npy_file,
     png_file,
+    positive_float,
     positive_int,
 )
 
@@ -289,20 +290,24 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a DDPM with Algorithm 1 (resumes if --out has a run)")
     t.add_argument("--data", required=True, help="IDX folder/file (MNIST), image folder or .npz")
     t.add_argument("--out", required=True, help="run folder: state.pt, model/, previews/")
-    t.add_argument("--resolution", type=int, help="pad images to this size")
+    t.add_argument("--resolution", type=positive_int, help="pad images to this size")
     t.add_argument("--ch", type=positive_int, help="base channels (default 32)")
     t.add_argument("--ch-mult", dest="ch_mult", type=_tuple)
-    t.add_argument("--num-res-blocks", dest="num_res_blocks", type=int)
+    t.add_argument("--num-res-blocks", dest="num_res_blocks", type=positive_int)
     t.add_argument("--attn-resolutions", dest="attn_resolutions", type=_tuple)
-    t.add_argument("--dropout", type=float)
-    t.add_argument("--norm-groups", dest="norm_num_groups", type=int, help="GroupNorm groups (default 32)")
+    t.add_argument("--dropout", type=decay, help="in [0, 1) (default 0.1)")
+    t.add_argument(
+        "--norm-groups", dest="norm_num_groups", type=positive_int, help="GroupNorm groups (default 32)"
+    )
     t.add_argument("--beta-schedule", dest="beta_schedule", choices=("linear", "cosine"))
     t.add_argument("--variance-type", dest="variance_type", choices=("fixed_large", "fixed_small"))
     t.add_argument("--steps", type=positive_int, help="training steps in all (default 10,000)")
     t.add_argument("--batch-size", dest="batch_size", type=positive_int, help="default 128")
-    t.add_argument("--lr", type=float, help="Adam learning rate (default 2e-4)")
+    t.add_argument("--lr", type=positive_float, help="Adam learning rate (default 2e-4)")
     t.add_argument("--warmup", type=non_negative_int, help="linear warm-up steps of the lr (default 500)")
-    t.add_argument("--grad-clip", dest="grad_clip", type=float, help="gradient norm clip (default 1.0)")
+    t.add_argument(
+        "--grad-clip", dest="grad_clip", type=positive_float, help="gradient norm clip (default 1.0)"
+    )
     t.add_argument("--ema-decay", dest="ema_decay", type=decay, help="in [0, 1) (default 0.999)")
     t.add_argument("--hflip", action="store_true", default=None)
     t.add_argument("--seed", type=int)

@@ -19,7 +19,7 @@ def load_models(settings: Settings) -> dict[str, Checkpoint]:
     """Load every configured model onto the settings' device, keyed by name (first = default)."""
     from app.nets import resolve_model
 
-    device = settings.resolved_device()
+    device = settings.engine_device()  # a device this machine lacks is one line, not a traceback
     checkpoints: dict[str, Checkpoint] = {}
     for ref in settings.model_refs():
         start = time.perf_counter()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from app.diffusion import Schedule, Variance, sample_ddim, sample_ddpm
-from app.nets import Checkpoint
+from app.nets import Checkpoint, SchedulerConfig
 from app.rng import ImageNoise
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -29,8 +29,16 @@ class Samples:
 
 
 def schedule_of(ckpt: Checkpoint) -> Schedule:
-    s = ckpt.scheduler
-    return Schedule.from_config(s.beta_schedule, s.num_train_timesteps, s.beta_start, s.beta_end)
+    return schedule_from(ckpt.scheduler)
+
+
+def schedule_from(config: SchedulerConfig) -> Schedule:
+    """β_1..β_T of a scheduler config: its `trained_betas` when it lists them, else its named schedule."""
+    if config.trained_betas is not None:
+        return Schedule(config.trained_betas)
+    return Schedule.from_config(
+        config.beta_schedule, config.num_train_timesteps, config.beta_start, config.beta_end
+    )
 
 
 def default_variance(ckpt: Checkpoint) -> Variance:

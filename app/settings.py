@@ -187,6 +187,20 @@ class Settings(BaseSettings):
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
         return level
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        # Checked here, so that a typo stops start-up in one line before any model loads.
+        if value is None or not value.strip():
+            return None
+        from redis.connection import parse_url
+
+        try:
+            parse_url(value.strip())
+        except ValueError as e:
+            raise ValueError(f"not a Redis URL: {e}") from None  # the URL itself is not shown: a password
+        return value.strip()
+
     @field_validator("device")
     @classmethod
     def _device_syntax(cls, value: str) -> str:
@@ -233,6 +247,17 @@ class Settings(BaseSettings):
     def auth_enabled(self) -> bool:
         return bool(self.api_keys)
 
+    def engine_device(self) -> str:
+        """`resolved_device()`, checked: present on this machine, and able to run the fast path; a
+        ValueError saying why not, before any model loads."""
+        import torch
+
+        device = self.resolved_device()
+        if problem := unavailable(device):
+            raise ValueError(f"DDPM_DEVICE {problem}")
+        self.fast_path().check(torch.device(device))
+        return device
+
     def resolved_device(self) -> str:
         """The torch device the engines use: `device`, with "auto" meaning CUDA when present."""
         if self.device != "auto":
@@ -248,3 +273,20 @@ class Settings(BaseSettings):
         from app.cli import BUNDLED_MODEL
 
         return [str(BUNDLED_MODEL)]
+
+
+def unavailable(device: str) -> str | None:
+    """Why this machine cannot run torch device `device` ("cpu", "cuda", "cuda:N"), or None if it can."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        return f"{device!r} is not a torch device (cpu, cuda, cuda:N)"
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (parsed.index or 0) >= count:
+            return f"{device}: this machine has {count} CUDA device(s)"
+    elif parsed.type != "cpu":
+        return f"{device}: only cpu and cuda devices are supported"
+    return None

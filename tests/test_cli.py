@@ -159,6 +159,23 @@ def test_train_stops_at_its_time_limit_and_refuses_a_bad_one(tmp_path):
         ),
         (["train", "--data", "d", "--out", "o", "--warmup", "-5"], "--warmup: must be 0 or more"),
         (["train", "--data", "d", "--out", "o", "--batch-size", "0"], "--batch-size: must be at least 1"),
+        # 0 or less would stop training, or reverse it (a negative norm bound flips the gradient), silently
+        (
+            ["train", "--data", "d", "--out", "o", "--grad-clip", "-1"],
+            "--grad-clip: must be a finite number above 0",
+        ),
+        (
+            ["train", "--data", "d", "--out", "o", "--grad-clip", "0"],
+            "--grad-clip: must be a finite number above 0",
+        ),
+        (["train", "--data", "d", "--out", "o", "--lr", "0"], "--lr: must be a finite number above 0"),
+        (["train", "--data", "d", "--out", "o", "--lr", "nan"], "--lr: must be a finite number above 0"),
+        (
+            ["train", "--data", "d", "--out", "o", "--num-res-blocks", "0"],
+            "--num-res-blocks: must be at least 1",
+        ),
+        (["train", "--data", "d", "--out", "o", "--norm-groups", "0"], "--norm-groups: must be at least 1"),
+        (["train", "--data", "d", "--out", "o", "--dropout", "1"], "--dropout: must lie in [0, 1)"),
         (["eval", "--batch-size", "0"], "--batch-size: must be at least 1"),
         (["train-classifier", "--data", "d", "--out", "o", "--epochs", "0"], "--epochs: must be at least 1"),
         (["remote", "sample", "--n", "0"], "--n: must be at least 1"),

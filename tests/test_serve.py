@@ -67,6 +67,26 @@ def test_a_model_that_does_not_load_stops_start_up_with_one_line(tmp_path, capsy
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_a_device_this_machine_lacks_stops_start_up_with_one_line(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for flags, env in (
+        (["--device", "cuda"], {}),
+        ([], {"DDPM_DTYPE": "float16"}),
+        ([], {"DDPM_CUDA_GRAPHS": "1"}),
+    ):
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(SystemExit) as exit_:
+            main([*flags, "--port", str(free_port())])  # exits before uvicorn runs
+        for name in env:
+            monkeypatch.delenv(name)
+        message = str(exit_.value.code)
+        assert message.startswith("ddpm-serve: ") and "CUDA" in message and "\n" not in message, message
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_a_taken_port_stops_start_up_at_once_with_one_line():
     """Before any model loads: were the models loaded first, this one (which does not exist) would be
     the error."""

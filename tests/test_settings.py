@@ -85,6 +85,28 @@ def test_redis_url_selects_the_redis_store():
     assert isinstance(make_store(Settings()), MemoryJobStore)
 
 
+def test_a_redis_url_that_cannot_be_parsed_is_refused_and_an_empty_one_is_embedded():
+    for url in ("notaurl", "redis://host:port/0"):
+        with pytest.raises(ValidationError, match="not a Redis URL"):
+            Settings(redis_url=url)
+    assert Settings(redis_url="").redis_url is None and Settings(redis_url=" ").redis_url is None
+    assert Settings(redis_url="unix:///run/redis.sock").redis_url == "unix:///run/redis.sock"
+
+
+def test_an_engine_device_this_machine_lacks_is_one_value_error(monkeypatch):
+    """Checked before any model loads (app/loading.py), so ddpm-serve and ddpm-worker stop in one line."""
+    import torch
+
+    with pytest.raises(ValueError, match=r"DDPM_DEVICE cuda:64: this machine has \d+ CUDA device\(s\)"):
+        Settings(device="cuda:64").engine_device()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # auto is the CPU here
+    with pytest.raises(ValueError, match="dtype float16 needs a CUDA device, the engine runs on cpu"):
+        Settings(dtype="float16").engine_device()
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        Settings(cuda_graphs=True).engine_device()
+    assert Settings().engine_device() == "cpu"
+
+
 def test_a_reclaim_time_shorter_than_three_heartbeats_is_refused():
     # A live worker's claims would look idle after one late heartbeat, and its jobs would run twice.
     with pytest.raises(ValidationError, match="at least 3"):

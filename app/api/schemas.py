@@ -108,7 +108,8 @@ class LikelihoodTerms(BaseModel):
 class LikelihoodCurve(BaseModel):
     t: list[int] = Field(description="timesteps 1..T")
     rate: list[list[float]] = Field(
-        description="per image, per t: bits/dim spent from x_T down to x_t (L_T + Σ_{s≥t} L_{s-1})"
+        description="per image, per t: bits/dim received by the time x_t is, from x_T down "
+        "(L_T + Σ_{s>t} L_{s-1}); at t = 1 the paper's rate (Table 2), the bound without L_0"
     )
     distortion: list[list[float]] = Field(
         description="per image, per t: RMSE of x̂₀ predicted from x_t, on the 0–255 scale"

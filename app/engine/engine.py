@@ -81,8 +81,8 @@ def _steps(ctx: programs.Context, work: Work) -> float:
 def rows_needed(work: Work) -> int:
     """Rows a job holds at its widest phase, to decide whether it fits in the batch."""
     p = work.params
-    if work.kind == "interpolate":
-        return len(p["t"]) * len(p["lambdas"])
+    if work.kind == "interpolate":  # the seeded sources are sampled first, a row each
+        return max(len(p["t"]) * len(p["lambdas"]), sum(f"{side}_seed" in p for side in "ab"))
     if work.kind == "likelihood":
         return len(work.inputs["images"])
     return int(p["n"])

@@ -190,8 +190,10 @@ def likelihood(ctx: Context, work: Work) -> Program:
         },
     }
     if p.get("curve"):
-        # Fig. 5: rate = bits spent from x_T down to x_t; distortion = RMSE of x̂₀ on the 0–255 scale.
-        rate = prior[:, None] + terms.flip(1).cumsum(1).flip(1)
+        # Fig. 5: rate at t = the bits received by the time x_t is: L_T + L_{T−1} + … + L_t (terms[:, k]
+        # is L_k, L_0 the decoder's), so at t = 1 it is Table 2's rate, the bound without L_0;
+        # distortion = RMSE of x̂₀(x_t) on the 0–255 scale.
+        rate = prior[:, None] + terms.flip(1).cumsum(1).flip(1) - terms
         mse = group.mse.cpu()
         extra["curve"] = {
             "t": list(range(1, ctx.num_timesteps + 1)),

@@ -51,6 +51,15 @@ class Checkpoint:
     name: str
     source: str  # a folder path, "hf:org/name[@revision]" or "PRESET:weights"
 
+    def __post_init__(self) -> None:
+        config = self.unet.config
+        if config.out_channels != config.in_channels:  # a network fine in itself, but not an ε_θ to serve
+            raise CheckpointError(
+                f"{self.source}: config key 'out_channels' = {config.out_channels!r} is not supported; "
+                f"supported: in_channels ({config.in_channels}): the network must predict ε, one value "
+                "per input value (a learned-variance head, 2 × in_channels, is not supported)"
+            )
+
     @property
     def num_parameters(self) -> int:
         return self.unet.num_parameters()
@@ -66,6 +75,14 @@ class Checkpoint:
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
+
+
+def _unpickler_reason(message: str) -> str:
+    """What torch's weights-only unpickler objected to, without torch's advice to load the file with
+    weights_only=False (which would run whatever code the file holds)."""
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", message, re.DOTALL)
+    reason = " ".join((found.group(1) if found else message.splitlines()[0]).split())
+    return reason.split(". Please use", 1)[0]
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
@@ -87,9 +104,15 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
+            reason = _unpickler_reason(str(e))
+            if not reason.startswith("Unsupported global"):  # not a pickle of tensors at all (an HTML page)
+                raise CheckpointError(
+                    f"{path}: not a readable PyTorch weights file (corrupt, truncated, or another kind of "
+                    f"file: {reason})"
+                ) from None
             raise CheckpointError(
                 f"{path}: refused: this pickle needs arbitrary code to load, and only plain tensors are read "
-                f"(torch.load weights_only=True said: {str(e).splitlines()[0]})"
+                f"({reason})"
             ) from None
         except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError) as e:
             # KeyError, IndexError, ValueError: the unpickler's, on a file that is no pickle (a text file)

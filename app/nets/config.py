@@ -235,10 +235,26 @@ class SchedulerConfig:
             raise _unsupported("variance_type", self.variance_type, ", ".join(VARIANCE_TYPES))
         if self.beta_schedule not in BETA_SCHEDULES:
             raise _unsupported("beta_schedule", self.beta_schedule, ", ".join(BETA_SCHEDULES))
-        if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 1:
-            raise _unsupported("num_train_timesteps", self.num_train_timesteps, "a positive int")
-        if self.trained_betas is not None and len(self.trained_betas) != self.num_train_timesteps:
-            raise _unsupported("trained_betas", self.trained_betas, "num_train_timesteps values")
+        if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 2:
+            raise _unsupported("num_train_timesteps", self.num_train_timesteps, "an int of at least 2")
+        if self.trained_betas is not None and (
+            len(self.trained_betas) != self.num_train_timesteps
+            or not all(0 < b < 1 for b in self.trained_betas)
+        ):
+            raise _unsupported("trained_betas", self.trained_betas, "num_train_timesteps values in (0, 1)")
+        if self.trained_betas is None and self.beta_schedule in ("linear", "scaled_linear"):
+            for key in ("beta_start", "beta_end"):
+                if not 0 < getattr(self, key) < 1:
+                    raise _unsupported(key, getattr(self, key), "a value in (0, 1)")
+        # What diffusers' samplers do with these, this service's would not: refused, not ignored.
+        if self.thresholding:
+            raise _unsupported("thresholding", True, "false (x̂₀ is clipped to [-1, 1], as in the paper)")
+        if self.rescale_betas_zero_snr:
+            raise _unsupported("rescale_betas_zero_snr", True, "false (the schedule as given, ᾱ_T > 0)")
+        if self.clip_sample and self.clip_sample_range != 1.0:
+            raise _unsupported(
+                "clip_sample_range", self.clip_sample_range, "1.0 (x̂₀ is clipped to [-1, 1], as in the paper)"
+            )
 
     @classmethod
     def diffusers_defaults(cls) -> dict[str, Any]:

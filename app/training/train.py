@@ -25,6 +25,7 @@ from app.diffusion import Schedule, q_sample, sample_ddim
 from app.engine.fastpath import cpu_has_native_bf16
 from app.images import make_grid, save_png
 from app.nets import SchedulerConfig, UNet, UNetConfig, load_checkpoint, save_checkpoint
+from app.sampling import schedule_from
 from app.training.data import DataError, load_images, pad_to
 
 log = logging.getLogger(__name__)
@@ -165,9 +166,7 @@ class Trainer:
         self.unet_config = cfg.unet_config(resolution=resolution, channels=channels)
         sched = cfg.scheduler_config()
         self.scheduler_config = sched
-        self.schedule = Schedule.from_config(
-            sched.beta_schedule, sched.num_train_timesteps, sched.beta_start, sched.beta_end
-        ).to(self.device)
+        self.schedule = schedule_from(sched).to(self.device)
         torch.manual_seed(cfg.seed)  # initial weights only; every later draw uses self.generator
         self.model = UNet(self.unet_config).to(self.device)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)

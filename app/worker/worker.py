@@ -114,14 +114,15 @@ class Worker:
         returns when everything has stopped."""
         self.pool.start()
         self._update_device_memory()  # the models are on the device: their weights are in the first reading
-        self._announce()
+        announced = self._announce()
         threads = [
             threading.Thread(target=self._heartbeat_loop, name="ddpm-heartbeat", daemon=True),
             threading.Thread(target=self._cancel_loop, name="ddpm-cancel-poll", daemon=True),
         ]
         for thread in threads:
             thread.start()
-        log.info("worker %s: serving %s", self.name, ", ".join(self.info.models))  # not the URL: a password
+        if announced:  # not the URL: a password
+            log.info("worker %s: serving %s", self.name, ", ".join(self.info.models))
         try:
             self._claim_loop()
         finally:
@@ -131,10 +132,11 @@ class Worker:
                 thread.join(5)
             self._retire()
 
-    def _announce(self) -> None:
+    def _announce(self) -> bool:
         """Publish this worker and its models, then resume what a previous process of the same name left
         pending. Each step is retried alone while Redis is away: the leftovers are claimed once (each
-        claim counts a delivery), and a job already started is not started again."""
+        claim counts a delivery), and a job already started is not started again. False if asked to
+        stop before Redis answered."""
         self._until_connected(
             lambda: registry.publish(self.redis, self.keys, self.info, self.specs, self._heartbeat_ttl)
         )
@@ -143,6 +145,7 @@ class Worker:
         self._until_connected(lambda: leftovers.extend(self.queue.own_leftovers()))
         for delivery in leftovers:
             self._until_connected(lambda delivery=delivery: self._start_all([delivery]))
+        return not self._stopping.is_set()
 
     def _until_connected(self, step) -> None:
         delay = 0.1

@@ -52,7 +52,9 @@ def test_bits_per_dim_is_the_sum_of_its_terms_with_a_curve_over_every_t(client):
     assert curve["t"] == list(range(1, T + 1))
     rate, distortion = np.array(curve["rate"]), np.array(curve["distortion"])
     assert rate.shape == distortion.shape == (2, T)
-    np.testing.assert_allclose(rate[:, 0], bpd, atol=1e-4)  # from x_T all the way down to x_0: L
+    # Having x_1: L_T + … + L_1, the bound without the decoder's L_0 (Table 2's rate); having x_T: L_T.
+    np.testing.assert_allclose(rate[:, 0], terms["prior"] + terms["diffusion"], atol=1e-4)
+    np.testing.assert_allclose(rate[:, -1], terms["prior"], atol=1e-4)
     assert (np.diff(rate, axis=1) <= 1e-5).all()  # fewer bits spent the less far down one goes
     assert np.isfinite(distortion).all() and (distortion >= 0).all()
 

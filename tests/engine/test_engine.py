@@ -151,6 +151,38 @@ def test_a_fault_outside_any_job_fails_the_running_jobs_and_the_engine_goes_on(e
     assert _images(rec, "after").isfinite().all() and engine.alive
 
 
+def test_a_forward_that_raises_fails_every_job_in_that_step_and_the_engine_goes_on(engine_factory):
+    """E.g. out of device memory in the U-Net: the batch's jobs fail, and the next job runs."""
+    engine, rec = engine_factory()
+    forward = engine.forward
+    calls = [0]
+
+    class OutOfMemoryOnce:
+        def __call__(self, x, t):
+            calls[0] += 1
+            if calls[0] == 3:
+                raise RuntimeError("CUDA out of memory")
+            return forward(x, t)
+
+        def __getattr__(self, name):
+            return getattr(forward, name)
+
+    engine.forward = OutOfMemoryOnce()
+    engine.submit(sample_work("a", n=1, steps=5))
+    engine.submit(sample_work("b", n=2, steps=5))
+    engine.start()
+    for job_id in ("a", "b"):
+        assert rec.wait(job_id)[1] == ("engine_error", "RuntimeError: CUDA out of memory")
+    engine.submit(sample_work("after", n=1, steps=3))
+    assert _images(rec, "after").isfinite().all() and engine.alive
+
+
+def test_work_for_another_model_is_refused(engine_factory):
+    engine, _ = engine_factory()
+    with pytest.raises(ValueError, match="work for model 'other' sent to engine 'tiny'"):
+        engine.submit(Work(job_id="x", kind="sample", model="other", params={"n": 1}))
+
+
 def test_a_job_whose_step_table_cannot_be_made_fails_alone(engine_factory, monkeypatch):
     import app.engine.groups as groups
 
@@ -324,7 +356,10 @@ def test_likelihood_equals_calc_bpd_loop(engine_factory, tiny_ckpt):
     np.testing.assert_allclose(extra["terms"]["diffusion"], ref.diffusion_bpd.numpy(), rtol=1e-5)
     curve = extra["curve"]
     assert len(curve["rate"][0]) == len(curve["distortion"][0]) == 40
-    np.testing.assert_allclose(curve["rate"][0][0], extra["bits_per_dim"][0], rtol=1e-5)
+    terms = extra["terms"]
+    # Having x_1, the receiver has paid L_T + L_{T−1} + … + L_1 (Table 2's rate); having x_T, only L_T.
+    np.testing.assert_allclose(curve["rate"][0][0], terms["prior"][0] + terms["diffusion"][0], rtol=1e-5)
+    np.testing.assert_allclose(curve["rate"][0][-1], terms["prior"][0], rtol=1e-5)
 
 
 def _start_order(rec) -> list[str]:
@@ -376,11 +411,9 @@ def test_admission_order(engine_factory, policy, max_batch, jobs, order, forward
     assert engine.forwards == forwards
 
 
-def test_a_job_holds_its_widest_phase_so_the_batch_never_exceeds_max_batch(engine_factory):
-    """An interpolation from seeds samples its 2 sources first, then decodes 4 λ: its 4 rows are held
-    from the start, so a 2-row job waits rather than joining the 2-row phase and overflowing later."""
-    engine, rec = engine_factory(max_batch=4)
-    sizes = []
+def batch_sizes(engine) -> list[int]:
+    """The batch size of each forward `engine` runs from now on, in order."""
+    sizes: list[int] = []
 
     class Counting:
         def __init__(self, forward):
@@ -394,11 +427,29 @@ def test_a_job_holds_its_widest_phase_so_the_batch_never_exceeds_max_batch(engin
             return getattr(self.forward, name)
 
     engine.forward = Counting(engine.forward)
-    params = {"t": [10], "lambdas": [0.0, 0.3, 0.7, 1.0], "steps": 5, "seed": 1, "a_seed": 7, "b_seed": 8}
+    return sizes
+
+
+@pytest.mark.parametrize(
+    ("max_batch", "lambdas", "n", "sizes"),
+    [
+        # Decoding 4 λ after sampling 2 sources: its 4 rows are held from the start, so a 2-row job
+        # waits rather than joining the 2-row phase and overflowing later.
+        (4, [0.0, 0.3, 0.7, 1.0], 2, [2] * 40 + [4] * 5 + [2] * 40),
+        # Decoding 1 λ: its widest phase is the first, the two seeded sources side by side.
+        (2, [0.5], 1, [2] * 40 + [1] * 5 + [1] * 40),
+    ],
+)
+def test_a_job_holds_its_widest_phase_so_the_batch_never_exceeds_max_batch(
+    engine_factory, max_batch, lambdas, n, sizes
+):
+    """An interpolation from seeds samples its 2 sources first (40 steps), then decodes its λ (5)."""
+    engine, rec = engine_factory(max_batch=max_batch)
+    seen = batch_sizes(engine)
+    params = {"t": [10], "lambdas": lambdas, "steps": 5, "seed": 1, "a_seed": 7, "b_seed": 8}
     engine.submit(Work(job_id="i", kind="interpolate", model="tiny", params={**params, "stream_every": 0}))
-    engine.submit(sample_work("s", n=2, steps=40, seed=3))
+    engine.submit(sample_work("s", n=n, steps=40, seed=3))
     engine.start()
     _images(rec, "i")
     _images(rec, "s")
-    assert max(sizes) == 4 and _start_order(rec) == ["i", "s"]
-    assert sizes == [2] * 40 + [4] * 5 + [2] * 40
+    assert seen == sizes and max(seen) == max_batch and _start_order(rec) == ["i", "s"]

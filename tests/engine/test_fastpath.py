@@ -43,6 +43,13 @@ def test_buckets_are_powers_of_two_and_max_batch():
     assert buckets(1) == (1,)
 
 
+def test_a_fast_path_with_a_bad_dtype_or_bucket_is_refused():
+    with pytest.raises(ValueError, match="batch buckets must be positive, got"):
+        FastPath(compile=True, buckets=(4, 0))
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        FastPath(dtype="float64")
+
+
 def test_default_is_the_plain_module(batch, plain):
     f = _forward(FastPath())
     assert f.buckets == ()

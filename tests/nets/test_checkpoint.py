@@ -168,6 +168,17 @@ def test_unsupported_config_value_names_the_file(saved):
     assert str(folder / "config.json") in message and "'time_embedding_type' = 'fourier'" in message
 
 
+def test_a_learned_variance_head_is_refused_at_load(tmp_path, small_config, randomize):
+    """out_channels = 2 × in_channels (ε and a variance): a fine network, but not an ε_θ this service can
+    step with; refused when it loads, not at every request."""
+    config = small_config.to_dict() | {"out_channels": 2 * small_config.in_channels}
+    randomize(UNet2DModel.from_config(config), 0).save_pretrained(tmp_path)
+    DDPMScheduler(variance_type="fixed_small").save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(tmp_path)
+    assert "'out_channels' = 2 is not supported" in str(e.value) and "learned-variance" in str(e.value)
+
+
 def test_pickle_named_safetensors(saved):
     folder, state = saved
     torch.save(state, folder / "diffusion_pytorch_model.safetensors")
@@ -184,6 +195,16 @@ def test_pickle_with_code_is_refused(saved):
     torch.save({"state_dict": state, "extra": Payload()}, folder / "diffusion_pytorch_model.bin")
     message = error_of(folder)
     assert "diffusion_pytorch_model.bin: refused" in message and "arbitrary code" in message
+    assert "weights_only=False" not in message  # torch's advice to run the file's code is not passed on
+
+
+def test_a_file_that_is_no_pickle_is_not_called_malicious(saved):
+    folder, _ = saved
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    (folder / "diffusion_pytorch_model.bin").write_bytes(b"<html><body>404 Not Found</body></html>")
+    message = error_of(folder)
+    assert "not a readable PyTorch weights file (corrupt, truncated, or another kind of file" in message
+    assert "arbitrary code" not in message and "weights_only=False" not in message
 
 
 def test_training_checkpoint_is_not_a_state_dict(saved):

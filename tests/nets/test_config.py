@@ -2,11 +2,13 @@
 
 import inspect
 
+import numpy as np
 import pytest
 from diffusers import DDPMScheduler, UNet2DModel
 
 from app.nets.config import SchedulerConfig, UNetConfig
 from app.nets.errors import CheckpointError
+from app.sampling import schedule_from
 
 # google/ddpm-cifar10-32's config.json as CHECKPOINTS.md gives it (a 2022 file: no dropout key).
 GOOGLE_CIFAR10 = {
@@ -108,6 +110,13 @@ def test_unsupported_unet_config_values_are_refused_by_name(key, value, supporte
         ("variance_type", "learned", "fixed_small"),
         ("beta_schedule", "sigmoid", "squaredcos_cap_v2"),
         ("clip_everything", True, "DDPMScheduler keys"),
+        # What diffusers' samplers would do with these, ours would not: refused, not silently ignored.
+        ("thresholding", True, "false"),
+        ("rescale_betas_zero_snr", True, "false"),
+        ("clip_sample_range", 2.0, "1.0"),
+        ("num_train_timesteps", 1, "at least 2"),
+        ("beta_end", 1.5, "(0, 1)"),
+        ("beta_start", 0.0, "(0, 1)"),
     ],
 )
 def test_unsupported_scheduler_values_are_refused_by_name(key, value, supported):
@@ -126,3 +135,16 @@ def test_ddpm_terms():
     assert (mnist.in_channels, mnist.out_channels, mnist.sample_size) == (1, 1, 28)
     with pytest.raises(ValueError, match=r"attn_resolutions \[8\] match no level"):
         UNetConfig.ddpm(resolution=28, ch_mult=(1, 2, 2), attn_resolutions=(8,))
+
+
+def test_trained_betas_are_the_schedule_when_given():
+    betas = np.linspace(1e-3, 0.05, 40).tolist()
+    config = SchedulerConfig.from_dict({"trained_betas": betas, "num_train_timesteps": 40})
+    theirs = DDPMScheduler.from_config(config.to_dict())
+    np.testing.assert_allclose(schedule_from(config).betas.numpy(), theirs.betas.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        schedule_from(config).alphas_cumprod.numpy(), theirs.alphas_cumprod.numpy(), rtol=1e-5
+    )
+    for bad in ([0.1] * 39, [0.1] * 39 + [1.0]):
+        with pytest.raises(CheckpointError, match="trained_betas"):
+            SchedulerConfig.from_dict({"trained_betas": bad, "num_train_timesteps": 40})

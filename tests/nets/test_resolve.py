@@ -86,7 +86,7 @@ def test_bad_references(ref, message):
 
 def test_missing_huggingface_hub_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
-    with pytest.raises(CheckpointError, match=r"pip install 'ddpm-serve\[hub\]'"):
+    with pytest.raises(CheckpointError, match=r"pip install -e '\.\[hub\]'"):
         resolve_model("hf:google/ddpm-cifar10-32")
 
 

@@ -27,7 +27,7 @@ from app.settings import Settings
 from app.worker import Worker
 from app.worker.listener import RedisListener
 from app.worker.worker import Claim
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, free_port
 from tests.tiny import tiny_checkpoint
 
 pytestmark = pytest.mark.anyio
@@ -610,3 +610,14 @@ async def test_a_takeover_claims_one_job_at_a_time_not_one_per_free_row(
         p["message_id"]: p["consumer"] for p in r.xpending_range(KEYS.queue("tiny"), GROUP, "-", "+", 10)
     }
     assert owners == {ids[0]: b"w", ids[1]: b"ghost"}
+
+
+def test_a_worker_stopped_before_redis_ever_answered_does_not_say_it_served(caplog):
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    worker_settings = Settings(redis_url=url, device="cpu", max_batch=8, worker_heartbeat_seconds=0.1)
+    worker = Worker(worker_settings, {"tiny": tiny_checkpoint(timesteps=50)}, sync_client(url), name="w")
+    threading.Timer(0.5, worker.stop).start()
+    with caplog.at_level("INFO", logger="app.worker"):
+        worker.run()
+    assert "Redis unavailable" in caplog.text and "worker w: stopped" in caplog.text
+    assert "serving" not in caplog.text
