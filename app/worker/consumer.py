@@ -21,7 +21,7 @@ from app.jobs.redis_keys import GROUP, Keys
 
 log = logging.getLogger(__name__)
 
-_MAX_SCAN_CALLS = 10  # XAUTOCLAIM calls per queue and pass: 100 × COUNT pending entries looked at
+_MAX_CLAIM_ROUNDS = 10  # XPENDING IDLE + XCLAIM rounds per queue and pass
 DEAD_LETTER_MAXLEN = 10_000  # approximate cap: the dead-letter stream is for inspection, not a backlog
 
 
@@ -98,37 +98,46 @@ class QueueConsumer:
         ]
 
     def take_over(self, count: int) -> list[Delivery]:
-        """Up to `count` entries idle past the reclaim time (their worker died or stalled), now this one's."""
+        """Up to `count` entries idle past the reclaim time (their worker died or stalled), now this one's.
+
+        XPENDING's IDLE filter finds them wherever they are among the live workers' entries (XAUTOCLAIM
+        looks at only 10 × COUNT entries per call), and XCLAIM with the same minimum idle time takes
+        only those still idle, so two workers taking over at once never both get one."""
         taken: list[Delivery] = []
         for queue, model in self.queues.items():
-            cursor: bytes | str = "0-0"
-            # XAUTOCLAIM looks at no more than 10 × COUNT pending entries per call: follow its cursor
-            # past the live workers' entries, up to a bound that keeps one pass short.
-            for _ in range(_MAX_SCAN_CALLS):
-                if len(taken) >= count:
+            for _ in range(_MAX_CLAIM_ROUNDS):  # a round that finds only deleted entries drops them
+                wanted = count - len(taken)
+                if wanted <= 0:
                     return taken
-                reply = self.redis.xautoclaim(
-                    queue, GROUP, self.name, self.reclaim_idle_ms, start_id=cursor, count=count - len(taken)
+                idle = self.redis.xpending_range(
+                    queue, GROUP, min="-", max="+", count=wanted, idle=self.reclaim_idle_ms
                 )
-                entries = [(entry_id, fields) for entry_id, fields in reply[1] if fields]
-                taken += self._with_counts(queue, model, entries)
-                cursor = reply[0]
-                if cursor in (b"0-0", "0-0"):
+                if not idle:
                     break
+                ids = [p["message_id"] for p in idle]
+                claimed = self.redis.xclaim(queue, GROUP, self.name, self.reclaim_idle_ms, ids)
+                taken += self._with_counts(queue, model, [(i, f) for i, f in claimed if f])
         return taken
 
-    def own_leftovers(self) -> list[Delivery]:
-        """Entries still pending on this worker's name from a previous process with the same name."""
-        taken: list[Delivery] = []
+    def own_leftovers(self, into: dict[tuple[str, str], Delivery]) -> None:
+        """Claim back the entries still pending on this worker's name from a previous process with the
+        same name, adding each to `into` ((queue, entry id) -> Delivery) as soon as it is claimed: a
+        retry after a Redis error claims, and counts as a delivery, only those not claimed yet."""
         for queue, model in self.queues.items():
             pending = self.redis.xpending_range(
                 queue, GROUP, min="-", max="+", count=1000, consumername=self.name
             )
-            ids = [p["message_id"] for p in pending]
-            if ids:
-                entries = [(i, f) for i, f in self.redis.xclaim(queue, GROUP, self.name, 0, ids) if f]
-                taken += self._with_counts(queue, model, entries)
-        return taken
+            times = {
+                p["message_id"]: int(p["times_delivered"])
+                for p in pending
+                if (queue, p["message_id"].decode()) not in into
+            }
+            if not times:
+                continue
+            for entry_id, fields in self.redis.xclaim(queue, GROUP, self.name, 0, list(times)):
+                if fields:  # XCLAIM counted this delivery: one more than XPENDING said
+                    delivery = Delivery(model, queue, entry_id.decode(), fields, times[entry_id] + 1, True)
+                    into[(queue, delivery.entry_id)] = delivery
 
     def _with_counts(self, queue: str, model: str, entries: list) -> list[Delivery]:
         if not entries:

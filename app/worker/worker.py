@@ -141,9 +141,9 @@ class Worker:
             lambda: registry.publish(self.redis, self.keys, self.info, self.specs, self._heartbeat_ttl)
         )
         self._until_connected(self.queue.ensure_groups)
-        leftovers: list[Delivery] = []
-        self._until_connected(lambda: leftovers.extend(self.queue.own_leftovers()))
-        for delivery in leftovers:
+        leftovers: dict[tuple[str, str], Delivery] = {}
+        self._until_connected(lambda: self.queue.own_leftovers(leftovers))
+        for delivery in leftovers.values():
             self._until_connected(lambda delivery=delivery: self._start_all([delivery]))
         return not self._stopping.is_set()
 

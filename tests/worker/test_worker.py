@@ -387,15 +387,19 @@ async def test_consumers_of_vanished_workers_are_forgotten_unless_they_hold_entr
 
 async def test_takeover_finds_a_dead_worker_s_entry_behind_many_live_ones(dispatcher, r, redis_server):
     queue = KEYS.queue("tiny")
-    for _ in range(9):  # 27 jobs, all claimed by a live worker (3 at a time: the queue holds 3)
+    for _ in range(50):  # 150 jobs, all claimed by live workers (3 at a time: the queue holds 3)
         for _ in range(3):
             await submit(dispatcher)
         r.xreadgroup(GROUP, "live", {queue: ">"}, count=3)
     last = r.xrevrange(queue, count=1)[0][0]
     r.xclaim(queue, GROUP, "ghost", 0, [last], idle=10_000)  # the newest entry, on a dead worker
-    worker = Worker(settings(redis_server), {"tiny": tiny_checkpoint(timesteps=50)}, r, name="w")
-    [taken] = worker.queue.take_over(1)  # XAUTOCLAIM looks at 10 entries per call: it must go on
-    assert taken.entry_id == last.decode() and taken.reclaimed
+    # A reclaim time the live entries stay under while the test runs; the ghost's is far past it.
+    worker_settings = settings(redis_server, reclaim_idle_seconds=5)
+    worker = Worker(worker_settings, {"tiny": tiny_checkpoint(timesteps=50)}, r, name="w")
+    # One entry at a time, behind 149 live ones: XAUTOCLAIM with COUNT 1 would look at 10 per call.
+    [taken] = worker.queue.take_over(1)
+    assert taken.entry_id == last.decode() and taken.reclaimed and taken.deliveries == 3  # live, ghost, w
+    assert worker.queue.take_over(1) == []  # now this worker's, and the live ones are not idle
 
 
 def metric_value(text: str, sample: str) -> float:
@@ -572,8 +576,8 @@ async def test_an_entry_over_the_delivery_limit_of_a_job_that_ended_is_acknowled
 
 
 async def test_a_redis_error_at_start_up_starts_each_leftover_once(dispatcher, r, redis_server, monkeypatch):
-    """A worker restarted under its old name resumes its pending entries; a Redis error half-way through
-    retries only what failed: nothing is submitted twice, and the entries are claimed once."""
+    """A worker restarted under its old name resumes its pending entries; Redis errors half-way through
+    retry only what failed: nothing is submitted twice, and the entries are claimed once."""
     jobs = [await submit(dispatcher) for _ in range(2)]
     r.xreadgroup(GROUP, "w", {KEYS.queue("tiny"): ">"}, count=2)  # the previous process's
     worker = Worker(settings(redis_server), {"tiny": tiny_checkpoint(timesteps=50)}, r, name="w")
@@ -589,7 +593,22 @@ async def test_a_redis_error_at_start_up_starts_each_leftover_once(dispatcher, r
         return reads(job_id)
 
     monkeypatch.setattr(worker.writer, "status_and_created", flaky)
+    # A second model's queue, read after the first's entries were claimed back: a blip there must not
+    # claim (and count) the first queue's entries again.
+    other = KEYS.queue("other")
+    monkeypatch.setitem(worker.queue.queues, other, "other")
+    pending_of = worker.redis.xpending_range
+    failed = []
+
+    def blip_on_the_second_queue(name, *args, **kwargs):
+        if name == other and not failed:
+            failed.append(name)
+            raise redis.ConnectionError("a blip")
+        return pending_of(name, *args, **kwargs)
+
+    monkeypatch.setattr(worker.redis, "xpending_range", blip_on_the_second_queue)
     worker._announce()
+    assert failed == [other]
     assert submitted == [job.id for job in jobs]
     pending = r.xpending_range(KEYS.queue("tiny"), GROUP, min="-", max="+", count=10)
     assert [p["times_delivered"] for p in pending] == [2, 2]  # read once, claimed back once
