@@ -9,9 +9,13 @@ a real `ddpm-serve` child process serves the model; at each concurrency c, c cli
 (n = 1, stream_every 0) with ?wait=true and send the next request as soon as the answer comes. Answers
 in the first --warmup seconds are not counted; then for --duration seconds (or until --max-requests
 requests in all) they are: throughput is those answers over that time, latencies (p50, p95) theirs.
+At c = 16 the answers come in waves (a batch's requests finish together), and a window counts whole
+waves, so `images_s` is uncertain by up to c answers per window; `little_s` is c / mean latency
+(Little's law for a closed loop without think time), which needs no window and has no such steps.
 The raw engine rows run the same closed loop straight on an in-process Engine (step policy, the same
-fast-path settings) with c submitting threads: `of_raw` is the service's throughput as a fraction of
-it. Then the same seeds are sampled under every policy and the PNG bytes and float arrays compared.
+fast-path settings) with c submitting threads: `of_raw` (`of_raw_little`) is the service's throughput
+(`little_s`) as a fraction of it. Then the same seeds are sampled under every policy and the PNG bytes
+and float arrays compared.
 With --vs-diffusers N, N concurrent one-image requests (step policy) race diffusers' DDIMPipeline
 making the same N images in one batch, same weights and steps (--race-rounds alternating rounds,
 medians). --set NAME=VALUE passes DDPM_NAME to every server. Writes bench/results/<name>.json.
@@ -57,12 +61,15 @@ class Load:
     window: float = 0.0  # seconds from the start to the end of counting
     latencies: list[float] = field(default_factory=list)  # of the requests answered inside the window
 
-    def row(self, **keys: object) -> dict[str, object]:
+    def row(self, *, concurrency: int, **keys: object) -> dict[str, object]:
         lat = sorted(self.latencies)
         return {
             **keys,
+            "concurrency": concurrency,
             "requests": len(lat),
             "images_s": round(len(lat) / self.window, 3) if self.window else 0.0,
+            # Little's law, N = X R: c clients always waiting give X = c / R, free of the window's steps.
+            "little_s": round(concurrency / statistics.fmean(lat), 3) if lat else 0.0,
             "p50_s": round(statistics.median(lat), 3) if lat else "",
             "p95_s": round(lat[min(len(lat) - 1, int(0.95 * len(lat)))], 3) if lat else "",
         }
@@ -214,7 +221,7 @@ def main() -> None:
     warm = Plan(2, 0.0, 600.0, 2)
 
     rows = _raw_engine(folder, args, plans, warm, _fast_path(overrides), job)
-    raw_rate = {r["concurrency"]: r["images_s"] for r in rows}
+    raw_rate = {r["concurrency"]: (r["images_s"], r["little_s"]) for r in rows}
     images: dict[str, dict[int, tuple[bytes, np.ndarray]]] = {}
     extra: dict[str, object] = {}
     for policy in args.policies.split(","):
@@ -225,8 +232,9 @@ def main() -> None:
                 row = asyncio.run(http_load(url, body, plan)).row(
                     impl=f"http {policy}", concurrency=plan.concurrency
                 )
-                rate = raw_rate.get(plan.concurrency)
-                row["of_raw"] = round(row["images_s"] / rate, 3) if rate else ""
+                counted, little = raw_rate.get(plan.concurrency, (0.0, 0.0))
+                row["of_raw"] = round(row["images_s"] / counted, 3) if counted else ""
+                row["of_raw_little"] = round(row["little_s"] / little, 3) if little else ""
                 rows.append(row)
                 print(table(rows[-1:], list(row)), flush=True)
             images[policy] = asyncio.run(sample_images(url, body, CHECK_SEEDS))
@@ -234,7 +242,8 @@ def main() -> None:
                 extra["race"] = _race_diffusers(url, folder, body, args)
     extra["identical"] = _compare(images)
     print()
-    print(table(rows, ["impl", "concurrency", "requests", "images_s", "p50_s", "p95_s", "of_raw"]))
+    columns = ["impl", "concurrency", "requests", "images_s", "little_s", "p50_s", "p95_s", "of_raw"]
+    print(table(rows, [*columns, "of_raw_little"]))
     for key, value in extra.items():
         print(f"{key}: {value}")
     info = dict(model=described, device=args.device, threads=threads.for_engines(), settings=overrides)
@@ -259,7 +268,9 @@ def _raw_engine(
     try:
         for plan in plans:
             load = engine_load(engine, collector, plan, **job)
-            rows.append(load.row(impl="raw engine", concurrency=plan.concurrency, of_raw=1.0))
+            rows.append(
+                load.row(impl="raw engine", concurrency=plan.concurrency, of_raw=1.0, of_raw_little=1.0)
+            )
             print(table(rows[-1:], list(rows[-1])), flush=True)
     finally:
         engine.stop(10)
