@@ -242,8 +242,8 @@ def main() -> None:
                 extra["race"] = _race_diffusers(url, folder, body, args)
     extra["identical"] = _compare(images)
     print()
-    columns = ["impl", "concurrency", "requests", "images_s", "little_s", "p50_s", "p95_s", "of_raw"]
-    print(table(rows, [*columns, "of_raw_little"]))
+    columns = "impl concurrency requests images_s little_s p50_s p95_s of_raw of_raw_little"
+    print(table(rows, columns.split()))
     for key, value in extra.items():
         print(f"{key}: {value}")
     info = dict(model=described, device=args.device, threads=threads.for_engines(), settings=overrides)

@@ -114,9 +114,7 @@ class QueueConsumer:
                 )
                 if not idle:
                     break
-                ids = [p["message_id"] for p in idle]
-                claimed = self.redis.xclaim(queue, GROUP, self.name, self.reclaim_idle_ms, ids)
-                taken += self._with_counts(queue, model, [(i, f) for i, f in claimed if f])
+                taken += self._claim(queue, model, idle, self.reclaim_idle_ms)
         return taken
 
     def own_leftovers(self, into: dict[tuple[str, str], Delivery]) -> None:
@@ -127,28 +125,22 @@ class QueueConsumer:
             pending = self.redis.xpending_range(
                 queue, GROUP, min="-", max="+", count=1000, consumername=self.name
             )
-            times = {
-                p["message_id"]: int(p["times_delivered"])
-                for p in pending
-                if (queue, p["message_id"].decode()) not in into
-            }
-            if not times:
-                continue
-            for entry_id, fields in self.redis.xclaim(queue, GROUP, self.name, 0, list(times)):
-                if fields:  # XCLAIM counted this delivery: one more than XPENDING said
-                    delivery = Delivery(model, queue, entry_id.decode(), fields, times[entry_id] + 1, True)
-                    into[(queue, delivery.entry_id)] = delivery
+            mine = [p for p in pending if (queue, p["message_id"].decode()) not in into]
+            for delivery in self._claim(queue, model, mine, 0):
+                into[(queue, delivery.entry_id)] = delivery
 
-    def _with_counts(self, queue: str, model: str, entries: list) -> list[Delivery]:
-        if not entries:
+    def _claim(self, queue: str, model: str, pending: list[dict], min_idle_ms: int) -> list[Delivery]:
+        """XCLAIM the entries XPENDING listed (`pending`) that are still idle `min_idle_ms`; each a Delivery
+        counting this claim (XCLAIM adds one to the `times_delivered` XPENDING said). Entries deleted
+        from the stream meanwhile come back without fields: Redis drops them from the group, and so do we."""
+        times = {p["message_id"]: int(p["times_delivered"]) for p in pending}
+        if not times:
             return []
-        with self.redis.pipeline(transaction=False) as pipe:
-            for entry_id, _ in entries:
-                pipe.xpending_range(queue, GROUP, min=entry_id, max=entry_id, count=1)
-            counts = [rows[0]["times_delivered"] if rows else 1 for rows in pipe.execute()]
+        claimed = self.redis.xclaim(queue, GROUP, self.name, min_idle_ms, list(times))
         return [
-            Delivery(model, queue, entry_id.decode(), fields, int(n), True)
-            for (entry_id, fields), n in zip(entries, counts, strict=True)
+            Delivery(model, queue, entry_id.decode(), fields, times[entry_id] + 1, True)
+            for entry_id, fields in claimed
+            if fields
         ]
 
     def keep_alive(self, entries: dict[str, list[str]]) -> set[str]:
