@@ -131,6 +131,21 @@ def fast_path(spec: str, *, batch: int) -> FastPath:
     )
 
 
+def conv_tflop_s(dtype: torch.dtype, *, device: torch.device, channels_last: bool = False) -> float:
+    """TFLOP/s of one 3×3 convolution in `dtype` (64 → 64 channels at 32×32, batch 16 on a CPU; 256 channels,
+    batch 64 on a GPU), the operation that makes most of a U-Net's FLOPs: measured in the same process, a
+    yardstick for the whole network's FLOP/s through the same kernels (oneDNN on a CPU, cuDNN on a GPU)."""
+    batch, channels = (64, 256) if device.type == "cuda" else (16, 64)
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1).to(device, dtype)
+    x = torch.randn(batch, channels, 32, 32, device=device, dtype=dtype)
+    if channels_last:
+        conv, x = conv.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        # the best of five medians: a rate this device reaches, not one another process held it to
+        seconds = min(timeit(lambda: conv(x), device=device, repeat=3, warmup=1) for _ in range(5))
+    return 2 * batch * channels**2 * 9 * 32 * 32 / seconds / 1e12
+
+
 def flops_per_image(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> float:
     """FLOPs of one forward of one image (PyTorch's FLOP counter: 2 per multiply-add)."""
     with FlopCounterMode(display=False) as counter, torch.no_grad():

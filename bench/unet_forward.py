@@ -5,9 +5,13 @@
 
 Prints a table (ms per forward of diffusers, ours eager and ours through the fast path named by --fast,
 a comma list of channels_last, bf16, fp16, compile, graphs; ratios diffusers/ours; GFLOP per image and
-the achieved TFLOP/s of the fast path, with its fraction of --peak-tflops) and writes
+the achieved TFLOP/s of ours eager and of the fast path, with its fraction of --peak-tflops) and writes
 bench/results/unet_forward.json. A ratio above 1 means ours is faster. The three are timed in
-interleaved rounds.
+interleaved rounds. One plain 3×3 convolution is timed first, in the same process, in float32 and in the
+fast path's dtype and memory format: `ours_of_conv` and `fast_of_conv` are the U-Net's TFLOP/s as a
+fraction of it. Convolutions are nearly all of the FLOPs, so this says how far the rest of the network
+(GroupNorm, SiLU, attention, additions: little arithmetic, much memory traffic) holds a forward below
+the rate of its convolutions.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from diffusers import UNet2DModel
 from app.cli import BUNDLED_MODEL
 from app.engine.fastpath import Forward
 from app.nets import UNet, UNetConfig, load_checkpoint
-from bench.common import fast_path, flops_per_image, interleaved, save, set_threads, table
+from bench.common import conv_tflop_s, fast_path, flops_per_image, interleaved, save, set_threads, table
 from bench.models import BUNDLED_ARCH, architecture
 
 
@@ -45,6 +49,12 @@ def main() -> None:
     args = parser.parse_args()
     set_threads(args.threads)
     device = torch.device(args.device)
+    fast = fast_path(args.fast, batch=1)
+    conv = {
+        "ours": conv_tflop_s(torch.float32, device=device),
+        "fast": conv_tflop_s(getattr(torch, fast.dtype), device=device, channels_last=fast.channels_last),
+    }
+    print(f"one 3x3 convolution: float32 {conv['ours']:.3f} TFLOP/s, as the fast path {conv['fast']:.3f}")
     rows = []
     for name in args.models.split(","):
         cfg = config(name)
@@ -77,18 +87,20 @@ def main() -> None:
                 "ratio": round(ms["diffusers"] / ms["ours"], 3),
                 "gflop_per_image": round(flops / 1e9, 3),
                 "ours_tflop_s": round(flops * batch / ms["ours"] / 1e9, 3),
+                "ours_of_conv": round(flops * batch / ms["ours"] / 1e9 / conv["ours"], 3),
             }
             if "fast" in ms:
                 row["fast_ms"] = round(ms["fast"], 2)
                 row["fast_ratio"] = round(ms["diffusers"] / ms["fast"], 3)
                 row["fast_tflop_s"] = round(flops * batch / ms["fast"] / 1e9, 3)
+                row["fast_of_conv"] = round(flops * batch / ms["fast"] / 1e9 / conv["fast"], 3)
                 if args.peak_tflops:
                     row["fast_peak"] = round(row["fast_tflop_s"] / args.peak_tflops, 4)
             rows.append(row)
             print(table(rows[-1:], list(rows[-1])), flush=True)
     print()
     print(table(rows, list(rows[0])))
-    extra = dict(device=str(device), threads=torch.get_num_threads(), fast=args.fast)
+    extra = dict(device=str(device), threads=torch.get_num_threads(), fast=args.fast, conv_tflop_s=conv)
     print(f"wrote {save(args.name, rows, **extra)}")
 
 

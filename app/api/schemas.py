@@ -342,6 +342,9 @@ class ModelInfo(BaseModel):
     resolution: int = Field(description="image height and width in pixels")
     channels: int
     timesteps: int = Field(description="T, the number of diffusion steps it was trained with")
+    max_steps: int = Field(
+        description="the most steps a request may run on it, and the largest t (T, or DDPM_MAX_STEPS if less)"
+    )
     beta_schedule: str
     variance: Literal["beta", "posterior"] = Field(description="the checkpoint's default DDPM σ²")
     parameters: int

@@ -28,8 +28,12 @@ from app.settings import Settings
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
-def save_tiny(folder: Path, *, timesteps: int, variance_type: str) -> Path:
-    """An 8×8 grayscale DDPM U-Net (~0.7 M parameters, ~10 ms per forward on one CPU core)."""
+def save_tiny(folder: Path, *, timesteps: int, variance_type: str, nan: bool = False) -> Path:
+    """An 8×8 grayscale DDPM U-Net (~0.7 M parameters, ~10 ms per forward on one CPU core). `nan`: its
+    output convolution's weights are NaN, so every job on it fails (`non_finite`), as a diverged
+    training run's checkpoint would."""
+    import torch
+
     from app.nets import SchedulerConfig, UNet, UNetConfig, save_checkpoint
 
     config = UNetConfig.ddpm(
@@ -41,8 +45,11 @@ def save_tiny(folder: Path, *, timesteps: int, variance_type: str) -> Path:
         attn_resolutions=(4,),
         dropout=0.0,
     )
+    unet = UNet(config)
+    if nan:
+        torch.nn.init.constant_(unet.conv_out.weight, float("nan"))
     return save_checkpoint(
-        folder, UNet(config), SchedulerConfig(num_train_timesteps=timesteps, variance_type=variance_type)
+        folder, unet, SchedulerConfig(num_train_timesteps=timesteps, variance_type=variance_type)
     )
 
 
@@ -54,6 +61,13 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
         str(save_tiny(root / "tiny", timesteps=1000, variance_type="fixed_large")),
         str(save_tiny(root / "tiny2", timesteps=100, variance_type="fixed_small")),
     ]
+
+
+@pytest.fixture(scope="session")
+def broken_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """`broken`: tiny (T = 100) with NaN output weights: every job on it fails with `non_finite`."""
+    folder = tmp_path_factory.mktemp("broken") / "broken"
+    return str(save_tiny(folder, timesteps=100, variance_type="fixed_small", nan=True))
 
 
 @dataclass

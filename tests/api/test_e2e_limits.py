@@ -159,6 +159,8 @@ def test_a_server_step_limit_below_the_defaults_lowers_them(model_dirs):
     """T = 100 and DDPM_MAX_STEPS = 10: a request that names no steps (or t) gets the most allowed, not a
     422 about a value it never sent; one that names more is refused."""
     with live_server(server_settings(model_dirs[1:], max_steps=10)) as live, live.client() as client:
+        (model,) = client.get("/models").json()
+        assert (model["timesteps"], model["max_steps"]) == (100, 10)  # for clients to set their defaults
         sample = client.post("/sample", json={"n": 1})
         assert sample.status_code == 202 and sample.json()["params"]["steps"] == 10
         reconstruct = client.post("/reconstruct", json={"image": png_b64(1), "n": 1})

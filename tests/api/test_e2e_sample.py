@@ -200,7 +200,9 @@ def test_concurrent_jobs_share_forward_passes_and_keep_their_images(live, client
     def images(job: dict) -> np.ndarray:
         return decode_npy(client.get(f"/jobs/{job['id']}/images.npy").content)
 
-    body = {"n": 1, "steps": 20, "seed": 21, "stream_every": 0}
+    # 200 steps: the first job must still run when the second arrives (20 took under 40 ms on a fast CPU,
+    # about the time of the second POST, and then ran alone)
+    body = {"n": 1, "steps": 200, "seed": 21, "stream_every": 0}
     alone = images(run(body))
     before = forwards(client)
     with live.client() as other:
@@ -208,8 +210,8 @@ def test_concurrent_jobs_share_forward_passes_and_keep_their_images(live, client
         second = other.post("/sample", json={**body, "seed": 22}).json()
         jobs = [wait_done(client, first["id"]), wait_done(client, second["id"])]
     assert [job["status"] for job in jobs] == ["succeeded", "succeeded"]
-    # two 20-step chains, batched: fewer forwards than 20 + 20, and at least the 20 of the longer one
-    assert 20 <= forwards(client) - before < 40
+    # two 200-step chains, batched: fewer forwards than 200 + 200, and at least the 200 of the longer one
+    assert 200 <= forwards(client) - before < 400
     np.testing.assert_allclose(images(jobs[0]), alone, atol=BATCH_ATOL)  # unchanged by its neighbour
 
 
@@ -517,6 +519,7 @@ def test_models_lists_both_with_their_training_setup(client):
     assert tiny["default"] is True and tiny2["default"] is False
     assert (tiny["resolution"], tiny["channels"], tiny["timesteps"], tiny["variance"]) == (8, 1, 1000, "beta")
     assert (tiny2["timesteps"], tiny2["variance"], tiny2["beta_schedule"]) == (100, "posterior", "linear")
+    assert (tiny["max_steps"], tiny2["max_steps"]) == (1000, 100)  # no DDPM_MAX_STEPS: T
     assert tiny["parameters"] > 100_000 and tiny["source"].endswith("tiny")
 
 

@@ -5,7 +5,9 @@ blocking a form, unreadable uploads, a server that restarts mid-stream or is not
 that are not the API's, failed downloads, keyboard focus after Cancel, and the names of the controls.
 A second review: a queued job's place that never moved, a screen reader told every preview step, an empty
 progress bar under a refused request, and typed steps and t lost when the model list reloaded. Then: a
-queued job's dropped stream hidden by its place in the queue.
+queued job's dropped stream hidden by its place in the queue. A third: a failed job that looked as if it
+still ran, a lost stream that left no way to cancel its job, defaults a server's step limit refused, and
+result images never freed.
 Like tests/api/test_page.py: Debian's chromium driven by Playwright, nothing downloaded.
 """
 
@@ -224,7 +226,9 @@ def test_a_server_restarting_mid_run_is_waited_for_and_its_answer_shown(browser,
     try:
         with open_page(browser, server.url) as page:
             panel = page.locator("#sample")
-            panel.locator("[name=n]").fill("1")
+            # 16 images of 1000 steps: several seconds, so the job is still running when the server stops
+            # (it runs on through uvicorn's 2 s of graceful shutdown; one image took less on a fast CPU).
+            panel.locator("[name=n]").fill("16")
             panel.get_by_role("button", name="Sample").click()
             expect(panel.locator(".status")).to_contain_text(" left")
             server.stop()
@@ -484,3 +488,87 @@ def test_typed_steps_and_t_stay_when_the_models_reload(browser, model_dirs):
         page.select_option("#model", "tiny")
         expect(steps).to_have_value("1000")
         expect(t).to_have_value("30")
+
+
+# A third review: a failed job left looking as if it still ran, a stream lost with no way to cancel the job
+# it left running, the forms' defaults refused by a server with a step limit, result images never freed.
+
+
+def test_a_failed_job_says_so_where_it_stopped(browser, broken_model_dir):
+    with live_server(server_settings([broken_model_dir])) as server, open_page(browser, server.url) as page:
+        panel = page.locator("#sample")
+        panel.locator("[name=n]").fill("1")
+        panel.locator("[name=steps]").fill("4")
+        panel.get_by_role("button", name="Sample").click()
+        expect(panel.locator(".error")).to_contain_text("NaN")
+        expect(panel.locator(".status")).to_have_text("failed at step 4 / 4")
+        expect(panel.locator(".announce")).to_have_text("Sample: failed at step 4 of 4")
+        expect(panel.get_by_role("button", name="Cancel")).to_be_disabled()
+        expect(panel.get_by_role("button", name="Sample")).to_be_enabled()
+        expect(panel.locator(".results img")).to_have_count(0)
+
+
+def test_after_the_stream_is_lost_cancel_still_ends_the_job_and_says_how(page):
+    page.route("**/stream/**", lambda route: route.abort("connectionrefused"))
+    page.clock.install()  # the page's back-off between tries, skipped below
+    panel = page.locator("#sample")
+    panel.locator("[name=n]").fill("1")
+    panel.locator("[name=steps]").fill("1000")  # tiny: seconds of work, still running when the page gives up
+    panel.get_by_role("button", name="Sample").click()
+    error = panel.locator(".error")
+    for _ in range(60):
+        if error.is_visible():
+            break
+        page.clock.fast_forward(2_000)
+        page.wait_for_timeout(20)
+    expect(error).to_contain_text("lost the progress stream")
+    expect(error).to_contain_text("the job may still be running")
+    cancel = panel.get_by_role("button", name="Cancel")
+    expect(cancel).to_be_enabled()  # the only way left to stop the job the page started
+    cancel.click()
+    expect(panel.locator(".status")).to_contain_text("cancelled at step")
+    expect(error).to_be_hidden()
+    expect(cancel).to_be_disabled()
+
+
+def test_a_server_step_limit_sets_the_forms_defaults_and_they_are_accepted(browser, model_dirs):
+    """tiny2 (T = 100) on a server that allows 10 steps: steps and t default to 10, not to T and T/2, and
+    an interpolation's ends default to earlier samples, as a seed end needs all T steps."""
+    with (
+        live_server(server_settings(model_dirs[1:], max_steps=10)) as server,
+        open_page(browser, server.url) as page,
+    ):
+        sample = page.locator("#sample")
+        expect(sample.locator("[name=steps]")).to_have_value("10")
+        expect(sample.locator("[name=steps]")).to_have_attribute("max", "10")
+        expect(page.locator("#reconstruct [name=t]")).to_have_value("10")
+        expect(page.locator("#interpolate [name=t]")).to_have_value("10")
+        for end in page.locator("#interpolate .source").all():
+            expect(end.locator(".kind")).to_have_value("sample")
+            expect(end.locator("option[value=seed]")).to_be_disabled()
+            expect(end.locator("option[value=seed]")).to_contain_text("this server allows 10")
+        sample.locator("[name=n]").fill("1")
+        sample.get_by_role("button", name="Sample").click()
+        expect(sample.locator(".results img")).to_have_count(1)
+        interpolate = page.locator("#interpolate")
+        interpolate.locator("[name=num]").fill("3")
+        interpolate.get_by_role("button", name="Interpolate").click()
+        expect(interpolate.locator(".results img")).to_have_count(3)
+        expect(interpolate.locator(".error")).to_be_hidden()
+
+
+def test_the_last_jobs_images_are_freed_when_the_next_one_starts(page):
+    sample(page, n=2, steps=3)
+    first = page.locator("#sample .results img").evaluate_all("images => images.map((i) => i.src)")
+    assert len(first) == 2 and all(src.startswith("blob:") for src in first)
+    sample(page, n=1, steps=3)
+    # Whether a blob URL still loads, as an image would (the page's own fetches are the routed ones).
+    alive = """(srcs) => Promise.all(srcs.map((src) => new Promise((resolve) => {
+      const image = new Image();
+      image.onload = () => resolve(true);
+      image.onerror = () => resolve(false);
+      image.src = src;
+    })))"""
+    assert page.evaluate(alive, first) == [False, False]  # revoked
+    shown = page.locator("#sample .results img").evaluate_all("images => images.map((i) => i.src)")
+    assert page.evaluate(alive, shown) == [True]

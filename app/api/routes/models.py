@@ -23,6 +23,7 @@ async def list_models(service: ServiceDep, _: OwnerDep) -> list[schemas.ModelInf
             resolution=e.ckpt.resolution,
             channels=e.ckpt.channels,
             timesteps=e.timesteps,
+            max_steps=service.max_steps(e),
             beta_schedule=e.ckpt.scheduler.beta_schedule,
             variance=str(default_variance(e.ckpt)),
             parameters=e.ckpt.num_parameters,

@@ -51,15 +51,30 @@ function modelChanged() {
   $("#model-info").textContent =
     `${m.resolution}×${m.resolution} ${channels} · T = ${m.timesteps} · ${m.beta_schedule} β · ${variance}`;
   // What the user typed stays (a reloaded model list, another API key, another model) while it is valid
-  // for this model; the rest follows the model: all T steps, t = T/2.
-  const inRange = (t) => Number.isInteger(t) && t >= 1 && t <= m.timesteps;
+  // for this model; the rest follows the model: all T steps, t = T/2, or the server's limit if less
+  // (DDPM_MAX_STEPS: the server's own defaults, /models' max_steps).
+  const most = Math.min(m.timesteps, m.max_steps ?? m.timesteps);
+  const inRange = (t) => Number.isInteger(t) && t >= 1 && t <= most;
   const steps = $("#sample [name=steps]");
-  steps.max = m.timesteps;
-  keepOrSet(steps, m.timesteps, (text) => inRange(Number(text)));
-  const half = Math.max(1, Math.floor(m.timesteps / 2));
-  $("#reconstruct [name=t]").max = m.timesteps;
+  steps.max = most;
+  keepOrSet(steps, most, (text) => inRange(Number(text)));
+  const half = Math.max(1, Math.min(Math.floor(m.timesteps / 2), most));
+  $("#reconstruct [name=t]").max = most;
   keepOrSet($("#reconstruct [name=t]"), half, (text) => inRange(Number(text)));
   keepOrSet($("#interpolate [name=t]"), half, (text) => listOfT(text).every(inRange));
+  // A seed end of an interpolation is sampled with all T steps: where the server allows fewer, a seed
+  // cannot be used, and the ends default to earlier samples instead.
+  for (const fieldset of $$("#interpolate .source")) {
+    const seed = $("option[value=seed]", fieldset);
+    seed.disabled = most < m.timesteps;
+    const limit = `needs all T = ${m.timesteps} steps; this server allows ${most}`;
+    seed.textContent = seed.disabled ? `a seed (${limit})` : "a seed";
+    const kind = $(".kind", fieldset);
+    if (seed.disabled && kind.value === "seed") {
+      kind.value = "sample";
+      kind.dispatchEvent(new Event("change"));
+    }
+  }
   // Crisp pixels at a useful size: an integer scale of the model's resolution.
   const cell = Math.max(1, Math.round(96 / m.resolution)) * m.resolution;
   document.documentElement.style.setProperty("--cell", `${cell}px`);
@@ -163,6 +178,8 @@ class JobView {
   }
 
   start() {
+    // The last job's images are blobs held until their URLs are revoked (a link and its image share one).
+    for (const image of $$("img", this.results)) URL.revokeObjectURL(image.src);
     this.root.hidden = false;
     this.error.hidden = true;
     this.downloads.hidden = true;
@@ -278,6 +295,17 @@ class JobView {
     this.downloads.hidden = false;
   }
 
+  // The stream's `error`: the job failed (no `done` follows). Where it stopped, said as `finish` says a
+  // cancelled job's end; the last x̂₀ previews stay, as what the model made of it.
+  failed(error) {
+    const at = this.first ? ` at step ${this.bar.value} / ${this.bar.max}` : " before its first step";
+    this.running = `failed${at}`;
+    this.waiting = this.lost = null;
+    this.show();
+    this.announce(`failed${at.replace(" / ", " of ")}`);
+    this.fail(error);
+  }
+
   fail(error) {
     const where = error.status ? ` (${error.status} ${error.code})` : "";
     this.error.textContent = error.message + where;
@@ -338,6 +366,7 @@ function jobPanel(panel, { path, body, columns, done = () => {} }) {
   const submit = $("button[type=submit]", form);
   const cancel = $(".cancel", form);
   let current = null;
+  let following = false; // the stream of `current` is being read: it says how the job ends
   // The Cancel button is disabled once it has done its work, which drops the keyboard focus on it to the
   // page's start; it goes to the (again enabled) submit button instead.
   let refocus = false;
@@ -348,7 +377,12 @@ function jobPanel(panel, { path, body, columns, done = () => {} }) {
   cancel.addEventListener("click", async () => {
     disableCancel();
     try {
-      await api(`/jobs/${current}`, { method: "DELETE" });
+      const job = await getJSON(`/jobs/${current}`, { method: "DELETE" });
+      if (following) return;
+      // Its stream was lost: the answer (the job as it ended, even if it ended otherwise) is all there is.
+      view.error.hidden = true;
+      await view.finish(job, columns);
+      if (job.status === "succeeded") done(job);
     } catch (e) {
       view.fail(e);
     }
@@ -356,6 +390,7 @@ function jobPanel(panel, { path, body, columns, done = () => {} }) {
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     let stopWatching = () => {};
+    let lost = false; // the stream was lost with the job perhaps running: Cancel stays for it
     view.start();
     submit.disabled = true;
     try {
@@ -368,6 +403,7 @@ function jobPanel(panel, { path, body, columns, done = () => {} }) {
       cancel.disabled = false;
       view.queued(job);
       stopWatching = watchQueue(view, job);
+      following = true;
       for await (const message of events(job.urls.stream)) {
         if (["progress", "done", "error"].includes(message.event)) stopWatching(); // the job has moved
         if (message.event === "progress") view.progress(message.data, columns);
@@ -378,16 +414,19 @@ function jobPanel(panel, { path, body, columns, done = () => {} }) {
           await view.finish(message.data, columns);
           if (message.data.status === "succeeded") done(message.data);
         } else if (message.event === "error") {
-          view.fail(new ApiError(0, message.data.code, message.data.message));
+          disableCancel();
+          view.failed(new ApiError(0, message.data.code, message.data.message));
         }
       }
     } catch (e) {
-      view.status.textContent = "";
+      lost = e.code === "stream_lost" && !cancel.disabled;
+      if (!lost) view.status.textContent = "";
       view.fail(e);
     } finally {
+      following = false;
       stopWatching();
       submit.disabled = false;
-      disableCancel();
+      if (!lost) disableCancel();
       // Chromium moves the focus off a disabled button only at its next rendering update: until then
       // it is still on Cancel.
       const dropped = [document.body, cancel, null].includes(document.activeElement);
