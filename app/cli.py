@@ -8,6 +8,9 @@ import os
 import shlex
 import signal
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,7 +35,7 @@ from app.argtypes import (
 )
 
 if TYPE_CHECKING:
-    from app.client import Client, Job, Model
+    from app.client import Client, DDPMError, Job, Model
 
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "mnist"
 
@@ -129,11 +132,14 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"{args.out}: converted {args.weights} ({args.preset})")
 
 
-def _follow(ddpm: Client, job: Job, desc: str) -> Job:
-    """Follow a remote job's stream with a progress bar; the final job. Ctrl-C cancels the job."""
+def _remote_job(ddpm: Client, create: Callable[[], Job], desc: str) -> Job:
+    """Create a remote job and follow its stream with a progress bar; the job once it has succeeded.
+    Ctrl-C cancels the job (once the server has named it); an error names the job and where to see it."""
     from app.client import DDPMError, Job
 
+    job = None
     try:
+        job = create()
         with tqdm(total=job.steps or None, desc=desc, unit="step", dynamic_ncols=True) as bar:
             for event in ddpm.stream(job):
                 if isinstance(event, Job):
@@ -143,12 +149,42 @@ def _follow(ddpm: Client, job: Job, desc: str) -> Job:
                     bar.total = event.steps
                     bar.update(event.step - bar.n)
     except KeyboardInterrupt:
-        ddpm.cancel(job)
-        raise
+        if job is None:  # the POST had not answered: no id to cancel
+            raise
+        raise KeyboardInterrupt(_cancel(ddpm, job)) from None
+    except DDPMError as e:
+        if job is None:
+            raise
+        raise _about_job(e, ddpm, job, "may still be running") from e
     if job.status != "succeeded":
         error = job.error or {"code": job.status, "message": f"the job was {job.status}"}
         raise DDPMError(0, error["code"], f"job {job.id}: {error['message']}")
     return job
+
+
+def _cancel(ddpm: Client, job: Job) -> str:
+    """Cancel a job the user interrupted; what became of it, for the "interrupted" line (a failure to
+    cancel is a warning there: the exit status stays that of Ctrl-C)."""
+    from app.client import DDPMError
+
+    try:
+        job = ddpm.cancel(job)
+    except DDPMError as e:
+        where = _job_url(ddpm, job)
+        return f"(warning: job {job.id} was not cancelled: {e}; it may still be running: see {where})"
+    return f"(job {job.id} {job.status})"  # cancelled, or how it ended if it ended first
+
+
+def _job_url(ddpm: Client, job: Job) -> str:
+    return f"{ddpm.url}/jobs/{job.id}"
+
+
+def _about_job(error: DDPMError, ddpm: Client, job: Job, state: str) -> DDPMError:
+    """`error`, saying which job it concerns and where to see it."""
+    from app.client import DDPMError
+
+    note = f"{error.message}; job {job.id} {state}: see {_job_url(ddpm, job)}"
+    return DDPMError(error.status, error.code, note, details=error.details, attempts=error.attempts)
 
 
 def _previews(steps: int) -> int:
@@ -173,12 +209,25 @@ def _remote_sample(args: argparse.Namespace) -> None:
         if args.sampler == "ddim":
             options["eta"] = args.eta
         options = {k: v for k, v in options.items() if v is not None}
-        job = ddpm.sample(args.n, stream_every=_previews(steps), **options)
-        job = _follow(ddpm, job, f"{args.sampler} ×{args.n}")
-        ddpm.grid(job).save(args.out, format="PNG")
-        if args.npy:
-            np.save(args.npy, ddpm.images(job))
-    print(f"{args.out}: {args.n} images, seed {job.seed}, {job.steps} steps, job {job.id}")
+        create = partial(ddpm.sample, args.n, stream_every=_previews(steps), **options)
+        job = _remote_job(ddpm, create, f"{args.sampler} ×{args.n}")
+        with _downloading(ddpm, job):
+            ddpm.grid(job).save(args.out, format="PNG")
+            if args.npy:
+                np.save(args.npy, ddpm.images(job))
+    floats = f", floats in {args.npy}" if args.npy else ""
+    print(f"{args.out}: {args.n} images, seed {job.seed}, {job.steps} steps, job {job.id}{floats}")
+
+
+@contextmanager
+def _downloading(ddpm: Client, job: Job) -> Iterator[None]:
+    """A failed download of a succeeded job's results says which job it was."""
+    from app.client import DDPMError
+
+    try:
+        yield
+    except DDPMError as e:
+        raise _about_job(e, ddpm, job, "succeeded") from e
 
 
 def _interpolation_end(path: str | None, seed: int | None, flag: str) -> Path | int:
@@ -208,9 +257,10 @@ def _remote_interpolate(args: argparse.Namespace) -> None:
         steps = (timesteps if seeded else 0) + (args.steps or max(args.t or [timesteps // 2]))
         options = {"model": args.model, "steps": args.steps, "seed": args.seed, "t": t}
         options = {k: v for k, v in options.items() if v is not None}
-        job = ddpm.interpolate(a, b, num=args.num, stream_every=_previews(steps), **options)
-        job = _follow(ddpm, job, f"interpolate ×{args.num}")
-        ddpm.grid(job).save(args.out, format="PNG")
+        create = partial(ddpm.interpolate, a, b, num=args.num, stream_every=_previews(steps), **options)
+        job = _remote_job(ddpm, create, f"interpolate ×{args.num}")
+        with _downloading(ddpm, job):
+            ddpm.grid(job).save(args.out, format="PNG")
     print(f"{args.out}: {job.result['rows']} × {job.result['columns']} images (t × λ), job {job.id}")
 
 

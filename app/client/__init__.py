@@ -18,8 +18,10 @@
         async for event in ddpm.stream(job): ...
 
 Every failure is a `DDPMError(status, code, message)` carrying the API's JSON error (status 0 when the
-server could not be reached). A 429 (queue full) or 503 (not ready) is retried with exponential
-backoff, waiting the `Retry-After` the server sends when it sends one.
+server could not be reached; `redirect` for a 3xx, naming where to; `bad_response` for an answer that is
+not the API's). A 429 (queue full) or 503 (not ready) is retried with exponential backoff, waiting the
+`Retry-After` the server sends when it sends one; a stream that breaks or cannot reconnect is opened
+again, resuming after the last event, until `retries` connections in a row have delivered nothing.
 
 Each operation is written once, as a generator that yields the HTTP calls it needs and receives their
 responses (`Flow`); `Client` and `AsyncClient` only differ in how they perform a call and sleep.

@@ -25,8 +25,8 @@ from app.client.bodies import (
     reconstruct_body,
     sample_body,
 )
-from app.client.flows import BaseClient, Call, EventStream, Flow, T
-from app.client.results import DDPMError, Job, Model, Progress, error_from_response
+from app.client.flows import ANSWER_ERRORS, BaseClient, Call, EventStream, Flow, T
+from app.client.results import DDPMError, Job, Model, Progress
 
 
 class Client(BaseClient):
@@ -45,19 +45,19 @@ class Client(BaseClient):
         self._http.close()
 
     def _send(self, call: Call, *, stream: bool = False) -> httpx.Response:
-        """One call, retried on 429/503; the response, or a `DDPMError` for an error answer."""
+        """One call, retried on 429/503; the 2xx response, or a `DDPMError` for any other answer."""
         for attempt in range(self.retries + 1):
             try:
                 response = self._http.send(self._request(call, stream), stream=stream)
             except httpx.TransportError as e:
                 raise self._unreachable(e) from e
-            if not response.is_error:
+            if response.is_success:
                 return response
             response.read()
             response.close()
             delay = self._delay(attempt, response)
             if delay is None:
-                raise error_from_response(response, attempt + 1)
+                raise self._error(response, call, attempt + 1)
             time.sleep(delay)
         raise AssertionError("unreachable: the last attempt has no delay")
 
@@ -65,7 +65,11 @@ class Client(BaseClient):
         try:
             call = next(flow)
             while True:
-                call = flow.send(self._send(call))
+                response = self._send(call)
+                try:
+                    call = flow.send(response)
+                except ANSWER_ERRORS as e:
+                    raise self._bad_response(response, e) from e
         except StopIteration as finished:
             return finished.value
 
@@ -118,29 +122,31 @@ class Client(BaseClient):
     def stream(self, job: Job | str, *, xt: bool = False) -> Iterator[Progress | Job]:
         """`Progress` events (x̂₀ previews, decoded), then the final `Job`; resumes if the connection drops."""
         events = EventStream(id_of(job), xt)
-        for attempt in range(self.retries + 1):
+        while True:
+            error = None
             try:
                 response = self._send(events.call(), stream=True)
                 try:
+                    self._check_stream(response)
                     for line in response.iter_lines():
-                        item = events.feed(line)
+                        item = self._feed(events, line, response)
                         if item is not None:
                             yield item
                         if events.ended:
                             break
                 finally:
                     response.close()
-            except httpx.TransportError as e:
-                if attempt == self.retries:
-                    raise self._unreachable(e) from e
+            except httpx.TransportError as e:  # the connection broke
+                error = self._unreachable(e)
+            except DDPMError as e:  # no connection: the server is away (restarting, deploying), or said no
+                if not self._away(e):
+                    raise
+                error = e
             if events.failed:
                 yield self.job(events.job_id)
             if events.ended:
                 return
-            time.sleep(self._delay(attempt) or 0.0)
-        raise DDPMError(
-            0, "stream_ended", f"the stream of job {events.job_id} kept closing before the job ended"
-        )
+            time.sleep(self._reconnect_delay(events, error))
 
     def wait(self, job: Job | str) -> Job:
         """The job once it has ended, following its stream."""
@@ -172,13 +178,13 @@ class AsyncClient(BaseClient):
                 response = await self._http.send(self._request(call, stream), stream=stream)
             except httpx.TransportError as e:
                 raise self._unreachable(e) from e
-            if not response.is_error:
+            if response.is_success:
                 return response
             await response.aread()
             await response.aclose()
             delay = self._delay(attempt, response)
             if delay is None:
-                raise error_from_response(response, attempt + 1)
+                raise self._error(response, call, attempt + 1)
             await asyncio.sleep(delay)
         raise AssertionError("unreachable: the last attempt has no delay")
 
@@ -186,7 +192,11 @@ class AsyncClient(BaseClient):
         try:
             call = next(flow)
             while True:
-                call = flow.send(await self._send(call))
+                response = await self._send(call)
+                try:
+                    call = flow.send(response)
+                except ANSWER_ERRORS as e:
+                    raise self._bad_response(response, e) from e
         except StopIteration as finished:
             return finished.value
 
@@ -233,12 +243,14 @@ class AsyncClient(BaseClient):
     async def stream(self, job: Job | str, *, xt: bool = False) -> AsyncIterator[Progress | Job]:
         """See `Client.stream`."""
         events = EventStream(id_of(job), xt)
-        for attempt in range(self.retries + 1):
+        while True:
+            error = None
             try:
                 response = await self._send(events.call(), stream=True)
                 try:
+                    self._check_stream(response)
                     async for line in response.aiter_lines():
-                        item = events.feed(line)
+                        item = self._feed(events, line, response)
                         if item is not None:
                             yield item
                         if events.ended:
@@ -246,16 +258,16 @@ class AsyncClient(BaseClient):
                 finally:
                     await response.aclose()
             except httpx.TransportError as e:
-                if attempt == self.retries:
-                    raise self._unreachable(e) from e
+                error = self._unreachable(e)
+            except DDPMError as e:
+                if not self._away(e):
+                    raise
+                error = e
             if events.failed:
                 yield await self.job(events.job_id)
             if events.ended:
                 return
-            await asyncio.sleep(self._delay(attempt) or 0.0)
-        raise DDPMError(
-            0, "stream_ended", f"the stream of job {events.job_id} kept closing before the job ended"
-        )
+            await asyncio.sleep(self._reconnect_delay(events, error))
 
     async def wait(self, job: Job | str) -> Job:
         final = None

@@ -14,13 +14,17 @@ from typing import Any, Literal, TypeVar
 
 import httpx
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from app.client.bodies import id_of
-from app.client.results import DDPMError, Job, Model, Progress, decode_png
+from app.client.results import DDPMError, Job, Model, Progress, decode_png, error_from_response
 
 T = TypeVar("T")
 RETRY_STATUSES = (429, 503)
+# What a proxy answers while the replica behind it restarts: a stream tries again (its own back-off).
+GATEWAY_STATUSES = (502, 504)
+# What reading an answer that is not the API's raises (a JSON document of another shape, an HTML page).
+ANSWER_ERRORS = (ValueError, KeyError, TypeError, AttributeError, EOFError, UnidentifiedImageError)
 MAX_BACKOFF_SECONDS = 30.0
 # The server sends a heartbeat at least every 15 s (API.md), so a quiet stream this long is dead.
 STREAM_READ_TIMEOUT = 45.0
@@ -63,6 +67,8 @@ class EventStream:
         self.last_id: int | None = None
         self.ended = False  # done or error seen
         self.failed = False  # error seen: the final job must be fetched
+        self.heard = False  # this connection delivered a message (a heartbeat too)
+        self.failures = 0  # connections in a row that delivered nothing
         self._fields: dict[str, str] = {}
 
     def call(self) -> Call:
@@ -75,6 +81,7 @@ class EventStream:
 
     def feed(self, line: str) -> Progress | Job | None:
         if line.startswith(":"):
+            self.heard = True
             return None  # a heartbeat
         if line:
             name, _, value = line.partition(":")
@@ -83,6 +90,7 @@ class EventStream:
         fields, self._fields = self._fields, {}
         if not fields:
             return None
+        self.heard = True
         if fields.get("id", "").isdigit():
             self.last_id = int(fields["id"])
         data = json.loads(fields.get("data") or "null")
@@ -119,8 +127,10 @@ class BaseClient:
         retries: int = 5,
         backoff: float = 0.5,
     ):
-        """`retries`: how often a 429/503 (or a dropped stream) is retried, waiting `Retry-After` or else
-        `backoff` × 2^attempt seconds (at most 30); `timeout`: seconds per request (connect, read)."""
+        """`retries`: how often a 429/503 is retried, waiting `Retry-After` or else `backoff` × 2^attempt
+        seconds (at most 30), and how often in a row a stream that broke or could not reconnect is opened
+        again (a connection that delivered anything starts the count afresh); `timeout`: seconds per
+        request (connect, read)."""
         self.url = url.rstrip("/")
         self.retries = retries
         self.backoff = backoff
@@ -165,6 +175,70 @@ class BaseClient:
             return DDPMError(0, "timeout", f"{self.url} did not answer in time ({error!r})")
         return DDPMError(0, "unreachable", f"cannot reach {self.url}: {error}")
 
+    def _error(self, response: httpx.Response, call: Call, attempts: int) -> DDPMError:
+        """The `DDPMError` for an answer that is not a 2xx (read already)."""
+        if not response.is_redirect:
+            return error_from_response(response, attempts)
+        # httpx follows no redirects: the client's URL is not the server's (http for https, a moved host).
+        target = str(response.request.url.join(response.headers["Location"]).copy_with(query=None))
+        if target.endswith(call.path):  # the same path elsewhere: the server's URL is the rest
+            advice = f"use {target.removesuffix(call.path)}"
+        else:
+            advice = f"is {self.url} the server's URL?"
+        asked = response.request.url.copy_with(query=None)
+        return DDPMError(
+            response.status_code,
+            "redirect",
+            f"the server redirects {asked} to {target}; {advice}",
+            attempts=attempts,
+        )
+
+    def _bad_response(self, response: httpx.Response, error: Exception) -> DDPMError:
+        """A 2xx answer the client cannot read as the API's: another server at that URL, or a proxy's page."""
+        kind = response.headers.get("Content-Type", "no Content-Type")
+        return DDPMError(
+            response.status_code,
+            "bad_response",
+            f"the answer of {response.request.url} is not ddpm-serve's ({kind}; {type(error).__name__}: "
+            f"{error}); is {self.url} a ddpm-serve server?",
+        )
+
+    def _check_stream(self, response: httpx.Response) -> None:
+        kind = response.headers.get("Content-Type", "")
+        if not kind.startswith("text/event-stream"):
+            not_sse = ValueError(f"{kind or 'no Content-Type'} is not an event stream")
+            raise self._bad_response(response, not_sse)
+
+    def _feed(self, events: EventStream, line: str, response: httpx.Response) -> Progress | Job | None:
+        try:
+            return events.feed(line)
+        except ANSWER_ERRORS as e:
+            raise self._bad_response(response, e) from e
+
+    @staticmethod
+    def _away(error: DDPMError) -> bool:
+        """Whether `error` says the server is away for now (restarting: refusing, silent, or its proxy
+        saying so), so that a stream tries again, rather than an answer to give up on."""
+        return error.status == 0 or error.status in GATEWAY_STATUSES
+
+    def _reconnect_delay(self, events: EventStream, error: DDPMError | None) -> float:
+        """Seconds to wait before opening the stream of a job that has not ended again; raises once
+        `retries` connections in a row delivered nothing (a connection that did resets the count: a proxy
+        that caps how long a connection lasts does not end a long job's stream)."""
+        if events.heard:
+            events.failures = 0
+        events.heard = False
+        if events.failures >= self.retries:
+            if error is None:
+                error = DDPMError(
+                    0, "stream_ended", f"the stream of job {events.job_id} kept closing before the job ended"
+                )
+            error.attempts = events.failures + 1
+            raise error
+        delay = self._delay(events.failures) or 0.0
+        events.failures += 1
+        return delay
+
     # Operations, each written once
 
     @staticmethod
@@ -180,7 +254,8 @@ class BaseClient:
     @staticmethod
     def _models() -> Flow[list[Model]]:
         response = yield Call("GET", "/models")
-        return [Model(**{k: entry[k] for k in Model.__dataclass_fields__}) for entry in response.json()]
+        fields = Model.__dataclass_fields__  # those a server older than a field lacks take its default
+        return [Model(**{k: entry[k] for k in fields if k in entry}) for entry in response.json()]
 
     @staticmethod
     def _images(job: Job | str, as_: Literal["array", "pil"]) -> Flow[np.ndarray | list[Image.Image]]:
@@ -190,6 +265,9 @@ class BaseClient:
             return np.load(io.BytesIO(response.content), allow_pickle=False)
         if not isinstance(job, Job) or job.result is None:
             job = Job.from_api((yield Call("GET", f"/jobs/{job_id}")).json())
+        if job.status != "succeeded":  # as the server answers `images` and `grid` of such a job
+            state = "has not finished" if not job.done else f"ended as {job.status}"
+            raise DDPMError(409, "not_finished", f"job {job_id} {state}; results exist once it has succeeded")
         images = []
         for k in range(job.image_count):
             response = yield Call("GET", f"/jobs/{job_id}/images/{k}.png")

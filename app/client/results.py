@@ -148,6 +148,7 @@ class Model:
     variance: str
     parameters: int
     source: str
+    max_steps: int | None = None  # the most steps a request may run (None: a server older than the field)
 
 
 def to_array(images: Sequence[Image.Image]) -> np.ndarray:

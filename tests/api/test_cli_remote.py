@@ -10,9 +10,11 @@ import pytest
 from PIL import Image
 
 from app.cli import main
+from app.client import Client, DDPMError
 from app.nets import load_checkpoint
 from app.sampling import generate
-from tests.api.conftest import live_server, png_b64, server_settings
+from tests.api.canned import canned_server
+from tests.api.conftest import live_server, png_b64, server_settings, wait_done
 
 pytestmark = pytest.mark.service
 
@@ -40,6 +42,7 @@ def test_remote_sample_writes_a_grid_and_floats_with_a_progress_bar(url, tmp_pat
     assert Image.open(out).size == (2 * 10 + 2, 2 * 10 + 2)  # 4 images of 8×8 in a 2 × 2 grid
     assert np.load(npy).shape == (4, 1, 8, 8)
     assert f"{out}: 4 images, seed 1, 6 steps" in captured.out
+    assert f", floats in {npy}" in captured.out  # both files written are named
     assert "6/6" in captured.err  # the tqdm bar, fed by the stream, reached the end
 
 
@@ -127,3 +130,87 @@ def test_an_unreachable_server_exits_with_a_clear_message(tmp_path):
     with pytest.raises(SystemExit) as exit_:
         main(["remote", "sample", "--url", "http://127.0.0.1:9", "--out", str(tmp_path / "x.png")])
     assert "cannot reach http://127.0.0.1:9" in str(exit_.value.code)
+
+
+def test_a_redirecting_url_exits_saying_where_the_server_is(tmp_path):
+    with (
+        canned_server(301, headers={"Location": "https://ddpm.example/models"}) as url,
+        pytest.raises(SystemExit) as exit_,
+    ):
+        main(["remote", "sample", "--url", url, "--out", str(tmp_path / "x.png")])
+    said = str(exit_.value.code)
+    assert said.startswith("ddpm remote sample: the server redirects")
+    assert "use https://ddpm.example (HTTP 301 redirect)" in said
+
+
+def test_a_url_that_is_not_ddpm_serve_exits_with_a_clear_message(tmp_path):
+    with (
+        canned_server(200, b'{"status": "ok"}', {"Content-Type": "application/json"}) as url,
+        pytest.raises(SystemExit) as exit_,
+    ):
+        main(["remote", "sample", "--url", url, "--out", str(tmp_path / "x.png")])
+    said = str(exit_.value.code)
+    assert f"is {url} a ddpm-serve server? (HTTP 200 bad_response)" in said
+
+
+def _interrupt_or_fail(monkeypatch, error: BaseException) -> list[str]:
+    """Make following a job raise `error` at once; the ids of the jobs it was asked to follow."""
+    followed: list[str] = []
+
+    def stream(self, job, **_):
+        followed.append(job.id)
+        raise error
+        yield
+
+    monkeypatch.setattr(Client, "stream", stream)
+    return followed
+
+
+def _long_sample(url: str, tmp_path) -> None:
+    main(["remote", "sample", "--url", url, "--model", "tiny", "--n", "1", "--out", str(tmp_path / "x.png")])
+
+
+def test_ctrl_c_cancels_the_job_and_says_so(live, tmp_path, monkeypatch, capsys):
+    followed = _interrupt_or_fail(monkeypatch, KeyboardInterrupt())
+    with pytest.raises(SystemExit) as exit_:
+        _long_sample(live.url, tmp_path)
+    assert exit_.value.code == 130
+    with live.client() as http:
+        assert http.get(f"/jobs/{followed[0]}").json()["status"] == "cancelled"
+    assert f"ddpm remote sample: interrupted (job {followed[0]} cancelled)" in capsys.readouterr().err
+
+
+def test_ctrl_c_exits_130_with_a_warning_when_the_cancel_fails(live, tmp_path, monkeypatch, capsys):
+    followed = _interrupt_or_fail(monkeypatch, KeyboardInterrupt())
+
+    def cancel(self, job):
+        raise DDPMError(0, "unreachable", f"cannot reach {self.url}: connection refused")
+
+    monkeypatch.setattr(Client, "cancel", cancel)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            _long_sample(live.url, tmp_path)
+    finally:
+        with live.client() as http:
+            http.delete(f"/jobs/{followed[0]}")
+            wait_done(http, followed[0])
+    assert exit_.value.code == 130
+    said = capsys.readouterr().err
+    assert f"interrupted (warning: job {followed[0]} was not cancelled: cannot reach {live.url}" in said
+    assert f"it may still be running: see {live.url}/jobs/{followed[0]})" in said
+
+
+def test_an_error_while_following_names_the_job_and_where_to_see_it(live, tmp_path, monkeypatch):
+    lost = DDPMError(0, "unreachable", f"cannot reach {live.url}: connection refused", attempts=6)
+    followed = _interrupt_or_fail(monkeypatch, lost)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            _long_sample(live.url, tmp_path)
+    finally:
+        with live.client() as http:
+            http.delete(f"/jobs/{followed[0]}")
+            wait_done(http, followed[0])
+    assert str(exit_.value.code) == (
+        f"ddpm remote sample: cannot reach {live.url}: connection refused; job {followed[0]} may still "
+        f"be running: see {live.url}/jobs/{followed[0]} (unreachable, after 6 attempts)"
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from PIL import Image
 
 from app.api import service
 from app.client import AsyncClient, Client, DDPMError, Job, Progress
+from tests.api.canned import canned_server
 from tests.api.conftest import live_server, server_settings, wait_for
 
 pytestmark = pytest.mark.service
@@ -118,10 +120,14 @@ def test_the_async_client_does_the_same(live):
 
 class CuttingProxy:
     """A TCP proxy to `port` that cuts its first connection after `cut` bytes of the server's answer
-    (mid-event), as a dropped network or a restarted proxy would; later connections pass whole."""
+    (mid-event), as a dropped network or a restarted proxy would; later connections pass whole.
 
-    def __init__(self, port: int, cut: int):
-        self.port, self.cut = port, cut
+    `resets`: the connections after the first are reset at once, unanswered, this many times (the
+    replica restarting); `cap`: every connection is cut after `cut` bytes (a proxy that caps how much
+    or how long one connection may carry)."""
+
+    def __init__(self, port: int, cut: int, *, resets: int = 0, cap: bool = False):
+        self.port, self.cut, self.resets, self.cap = port, cut, resets, cap
         self.requests: list[bytes] = []  # the head of each connection's first request
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
@@ -137,7 +143,11 @@ class CuttingProxy:
             threading.Thread(target=self._serve, args=(conn, len(self.requests) - 1), daemon=True).start()
 
     def _serve(self, conn: socket.socket, index: int) -> None:
-        cutting = index == 0
+        if 1 <= index <= self.resets:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()  # an RST, no answer
+            return
+        cutting = index == 0 or self.cap
         with conn, socket.create_connection(("127.0.0.1", self.port)) as up:
             head = conn.recv(65536)
             self.requests[index] = head
@@ -161,9 +171,16 @@ def cutting(live) -> Iterator[CuttingProxy]:
     proxy.close()
 
 
-async def _stream_async(url: str, job: Job) -> list:
-    async with AsyncClient(url, retries=2) as through:
+async def _stream_async(url: str, job: Job, **settings) -> list:
+    async with AsyncClient(url, **{"retries": 2, **settings}) as through:
         return [event async for event in through.stream(job)]
+
+
+def _stream(kind: str, url: str, job: Job, **settings) -> list:
+    if kind == "async":
+        return asyncio.run(_stream_async(url, job, **settings))
+    with Client(url, **settings) as through:
+        return list(through.stream(job))
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
@@ -184,6 +201,116 @@ def test_a_dropped_stream_resumes_after_the_last_event_with_nothing_lost_or_repe
     after = int(resumed.split("last-event-id: ")[1].split()[0])
     ids = [e.id for e in events[:-1]]
     assert after in ids[:-1]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_stream_keeps_reconnecting_while_the_server_restarts(ddpm, live, kind):
+    # The first connection breaks mid-stream, the next two are reset unanswered (the replica is
+    # restarting, as after a `shutdown` event): each failed reconnection is retried with back-off.
+    job = ddpm.sample(1, steps=12, stream_every=1, seed=4, model="tiny2", wait=True)
+    proxy = CuttingProxy(int(live.url.rsplit(":", 1)[1]), cut=2500, resets=2)
+    try:
+        events = _stream(kind, proxy.url, job, retries=3, backoff=0.05)
+    finally:
+        proxy.close()
+    assert [e.step for e in events[:-1]] == list(range(1, 13)) and events[-1].status == "succeeded"
+    assert len(proxy.requests) == 4  # cut, reset, reset, whole
+    assert "last-event-id" in proxy.requests[3].decode("latin-1").lower()
+
+
+def test_a_stream_that_never_reconnects_gives_up_after_the_retries(ddpm, live):
+    job = ddpm.sample(1, steps=12, stream_every=1, seed=4, model="tiny2", wait=True)
+    proxy = CuttingProxy(int(live.url.rsplit(":", 1)[1]), cut=2500, resets=99)
+    try:
+        with Client(proxy.url, retries=2, backoff=0.01) as through, pytest.raises(DDPMError) as caught:
+            list(through.stream(job))
+    finally:
+        proxy.close()
+    assert len(proxy.requests) == 3  # the cut one, then two tries
+    assert (caught.value.status, caught.value.code, caught.value.attempts) == (0, "unreachable", 3)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_proxy_that_caps_every_connection_does_not_end_a_stream_that_progresses(ddpm, live, kind):
+    # Each connection carries a few events and is cut: more connections than `retries` + 1 in all, but
+    # never two in a row without an event, so the stream goes on to the end.
+    job = ddpm.sample(1, steps=24, stream_every=1, seed=4, model="tiny2", wait=True)
+    proxy = CuttingProxy(int(live.url.rsplit(":", 1)[1]), cut=1200, cap=True)
+    try:
+        events = _stream(kind, proxy.url, job, retries=1, backoff=0.01)
+    finally:
+        proxy.close()
+    assert [e.step for e in events[:-1]] == list(range(1, 25)) and events[-1].status == "succeeded"
+    assert len(proxy.requests) >= 4
+
+
+def test_pil_images_of_a_job_that_has_not_succeeded_raise_as_images_and_grid_do(ddpm):
+    job = ddpm.sample(**LONG)
+    try:
+        with pytest.raises(DDPMError) as caught:
+            ddpm.pil_images(job)
+        assert (caught.value.status, caught.value.code) == (409, "not_finished")
+        assert "has not finished" in caught.value.message
+    finally:
+        ddpm.cancel(job)
+    errors = []
+    for download in (ddpm.pil_images, ddpm.images, ddpm.grid):
+        with pytest.raises(DDPMError) as caught:
+            download(job.id)
+        errors.append((caught.value.status, caught.value.code, caught.value.message))
+    assert errors[0] == errors[1] == errors[2]
+    assert errors[0][2] == f"job {job.id} ended as cancelled; results exist once it has succeeded"
+
+
+def test_a_redirect_is_an_error_that_says_where_the_server_is():
+    with (
+        canned_server(308, headers={"Location": "https://ddpm.example/models"}) as url,
+        Client(url) as ddpm,
+        pytest.raises(DDPMError) as caught,
+    ):
+        ddpm.models()
+    assert (caught.value.status, caught.value.code) == (308, "redirect")
+    said = str(caught.value)
+    assert f"redirects {url}/models to https://ddpm.example/models; use https://ddpm.example" in said
+
+
+@pytest.mark.parametrize(
+    ("answer", "call", "fragment"),
+    [
+        ((b'{"hello": "world"}', "application/json"), lambda c: c.job("abc"), "KeyError: 'id'"),
+        ((b'{"hello": "world"}', "application/json"), lambda c: c.models(), "TypeError"),
+        ((b"<html>login</html>", "text/html"), lambda c: c.sample(1), "JSONDecodeError"),
+        ((b"<html>login</html>", "text/html"), lambda c: c.grid("abc"), "UnidentifiedImageError"),
+        ((b"<html>login</html>", "text/html"), lambda c: list(c.stream("abc")), "not an event stream"),
+    ],
+    ids=["job", "models", "sample", "grid", "stream"],
+)
+def test_an_answer_that_is_not_the_apis_is_a_bad_response(answer, call, fragment):
+    body, kind = answer
+    with (
+        canned_server(200, body, {"Content-Type": kind}) as url,
+        Client(url, retries=0) as ddpm,
+        pytest.raises(DDPMError) as caught,
+    ):
+        call(ddpm)
+    assert (caught.value.status, caught.value.code) == (200, "bad_response")
+    assert f"the answer of {url}/" in caught.value.message and fragment in caught.value.message
+    assert f"is {url} a ddpm-serve server?" in caught.value.message
+
+
+def test_the_async_client_reads_redirects_and_foreign_answers_alike():
+    async def call(url: str) -> None:
+        async with AsyncClient(url) as ddpm:
+            await ddpm.job("abc")
+
+    with canned_server(301, headers={"Location": "https://ddpm.example/jobs/abc"}) as url:
+        with pytest.raises(DDPMError) as caught:
+            asyncio.run(call(url))
+        assert caught.value.code == "redirect" and "use https://ddpm.example" in caught.value.message
+    with canned_server(200, b"[]", {"Content-Type": "application/json"}) as url:
+        with pytest.raises(DDPMError) as caught:
+            asyncio.run(call(url))
+        assert caught.value.code == "bad_response"
 
 
 @pytest.mark.parametrize(
@@ -250,6 +377,6 @@ def test_the_api_key_comes_from_the_environment(model_dirs, monkeypatch):
         assert "missing API key" in caught.value.message
         monkeypatch.setenv("DDPM_API_KEY", KEY)
         with Client(live.url) as keyed:
-            assert [m.name for m in keyed.models()] == ["tiny"]
+            assert [(m.name, m.timesteps, m.max_steps) for m in keyed.models()] == [("tiny", 1000, 1000)]
             job = keyed.sample(1, steps=2, stream_every=1)
             assert list(keyed.stream(job))[-1].status == "succeeded"  # the stream sends the key too
