@@ -61,24 +61,35 @@ ARG UID=10001
 LABEL org.opencontainers.image.title="ddpm-serve" \
       org.opencontainers.image.description="HTTP inference service for DDPMs (Ho et al. 2020), ${VARIANT} build" \
       org.opencontainers.image.licenses="MIT"
+# A C++ compiler, for DDPM_COMPILE=true: torch.compile's inductor builds its CPU kernels with g++ and
+# Triton (the GPU variant's kernels) its launchers with cc, which g++ brings (gcc). The pin is for bookworm,
+# the base image's Debian release: change the two together.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++=4:12.2.0-3 \
+    && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid "$UID" ddpm \
     && useradd --system --uid "$UID" --gid ddpm --home-dir /home/ddpm --create-home --shell /usr/sbin/nologin ddpm
 COPY --from=deps /opt/venv /opt/venv
 # Every DDPM_* variable is a field of app/settings.py (`ddpm-serve --help` lists them). Containers
 # listen on all interfaces; the worker serves its Prometheus /metrics on 8001. Checkpoints other than
 # the bundled model are mounted under /models (read-only) and named in DDPM_MODELS. Caches go to /tmp,
-# the one writable place under a read-only root filesystem.
+# the one writable place under a read-only root filesystem (HOME is not writable), torch.compile's too:
+# inductor's kernels (.so files it loads, so /tmp must not be mounted noexec) and Triton's.
 ENV PATH=/opt/venv/bin:$PATH \
     DDPM_HOST=0.0.0.0 \
     DDPM_PORT=8000 \
     DDPM_WORKER_METRICS_PORT=8001 \
     XDG_CACHE_HOME=/tmp/cache \
-    HF_HOME=/tmp/huggingface
+    HF_HOME=/tmp/huggingface \
+    TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor \
+    TRITON_CACHE_DIR=/tmp/triton
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY app/ app/
 # The bundled model must load (it is the default when DDPM_MODELS is empty); fail the build otherwise.
+# The MNIST classifier (1 MB) is `ddpm eval`'s default --classifier.
 COPY models/mnist/ models/mnist/
+COPY models/mnist-classifier/ models/mnist-classifier/
 COPY --chmod=0755 docker/entrypoint.sh docker/healthcheck.py docker/
 # An editable install: BUNDLED_MODEL is found next to the code (/app/models/mnist). Byte-compiled
 # here, since the code is read-only at run time.
@@ -86,6 +97,8 @@ RUN pip install --no-deps --no-build-isolation --no-cache-dir -e . \
     && python -m compileall -q app \
     && python -c "from app.cli import BUNDLED_MODEL; from app.nets import resolve_model; \
 print(resolve_model(str(BUNDLED_MODEL)).name)" \
+    && python -c "from app.evaluation.cli import DEFAULT_CLASSIFIER; \
+from app.evaluation.classifier import load_classifier; load_classifier(DEFAULT_CLASSIFIER)" \
     && ddpm --help > /dev/null && ddpm-serve --help > /dev/null && ddpm-worker --help > /dev/null \
     && mkdir /models
 USER ${UID}:${UID}

@@ -4,7 +4,8 @@ validate what `kubectl apply -k` would send without kubectl or a cluster.
 Supported, with kustomize's meaning: `resources` (files and folders with a kustomization), `components`
 (kind Component: its resources are added, then its patches apply to everything so far), `patches`
 whose file is a JSON patch (RFC 6902: add, remove, replace, test) with a `target` of kind and name,
-`namespace` (set on every namespaced object), and `images` (`newName`/`newTag` by image name). Anything
+`namespace` (set on every namespaced object), and `images` (`newName`, `newTag`, `digest` by image name,
+applied one entry after another after the patches). Anything
 else in a kustomization is an error here, so the overlays cannot quietly outgrow the renderer.
 """
 
@@ -125,12 +126,27 @@ def pod_specs(resource: Resource) -> list[dict[str, Any]]:
     return [template["spec"]] if template else []
 
 
+def split_image(reference: str) -> tuple[str, str, str]:
+    """(name, tag, digest) of an image reference, tag and digest "" when absent: a registry's port
+    (`host:5000/x`) is part of the name."""
+    name, _, digest = reference.partition("@")
+    colon = name.rfind(":")
+    if colon > name.rfind("/"):
+        return name[:colon], name[colon + 1 :], digest
+    return name, "", digest
+
+
 def _set_image(resources: list[Resource], image: dict[str, str]) -> None:
+    unknown = set(image) - {"name", "newName", "newTag", "digest"}
+    if unknown:
+        raise KustomizeError(f"images: unsupported fields {sorted(unknown)}")
     for resource in resources:
         for spec in pod_specs(resource):
             for container in spec.get("containers", []) + spec.get("initContainers", []):
-                name, _, tag = container["image"].partition(":")
-                if name == image["name"]:
-                    name = image.get("newName", name)
-                    tag = image.get("newTag", tag)
-                    container["image"] = f"{name}:{tag}" if tag else name
+                name, tag, digest = split_image(container["image"])
+                if name != image["name"]:
+                    continue
+                name = image.get("newName", name)
+                if "newTag" in image or "digest" in image:  # either replaces both, as in kustomize
+                    tag, digest = image.get("newTag", ""), image.get("digest", "")
+                container["image"] = name + (f":{tag}" if tag else "") + (f"@{digest}" if digest else "")

@@ -9,7 +9,19 @@ import subprocess
 import pytest
 import yaml
 
-from tests.deploy.repo import COMPOSE, REPO, active_services, compose, dotenv, service_environment, tool
+from tests.deploy.repo import (
+    CACHE_VARIABLES,
+    COMPOSE,
+    REPO,
+    active_services,
+    compose,
+    dockerfile_env,
+    dotenv,
+    interpolate,
+    is_within,
+    service_environment,
+    tool,
+)
 
 # check-jsonschema ships the Compose Specification's schema (compose-spec/compose-spec, schema/
 # compose-spec.json), pinned with the package version in the test extra.
@@ -94,6 +106,53 @@ def _seconds(duration: str) -> float:
 def test_workers_get_time_to_finish_their_jobs(name):
     grace = float(service_environment(name)["DDPM_WORKER_GRACE_SECONDS"])
     assert _seconds(compose()["services"][name]["stop_grace_period"]) >= grace + 10
+
+
+def _tmpfs(service: dict) -> dict[str, set[str]]:
+    """A service's tmpfs mounts (short syntax, `PATH[:OPTIONS]`) -> their options."""
+    entries = service.get("tmpfs", [])
+    entries = [entries] if isinstance(entries, str) else entries
+    mounts = {}
+    for entry in entries:
+        path, _, options = entry.partition(":")
+        mounts[path] = set(options.split(",")) - {""}
+    return mounts
+
+
+@pytest.mark.parametrize("name", ["api", "worker", "worker-cpu"])
+def test_caches_are_on_a_tmpfs(name):
+    service = compose()["services"][name]
+    assert service["read_only"] is True
+    env = dockerfile_env(service["build"]["args"]["VARIANT"]) | service_environment(name)
+    for variable in CACHE_VARIABLES:
+        assert any(is_within(env[variable], mount) for mount in _tmpfs(service)), f"{name}: {variable}"
+
+
+@pytest.mark.parametrize("name", ["worker", "worker-cpu"])
+def test_workers_can_load_what_torch_compile_builds(name):
+    """Docker mounts a tmpfs noexec unless told `exec`: inductor's kernels (.so files under
+    TORCHINDUCTOR_CACHE_DIR) and Triton's would fail to load, and DDPM_COMPILE=true with them."""
+    service = compose()["services"][name]
+    env = dockerfile_env(service["build"]["args"]["VARIANT"]) | service_environment(name)
+    mounts = _tmpfs(service)
+    for variable in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        mount = max((m for m in mounts if is_within(env[variable], m)), key=len)
+        assert "exec" in mounts[mount] and "noexec" not in mounts[mount], f"{name}: {mount} {mounts[mount]}"
+
+
+def test_cpu_worker_threads_match_its_cpu_limit():
+    """`--scale worker-cpu=N`: without a CPU limit and OMP_NUM_THREADS, each replica's engine starts a
+    thread per host core, and libgomp slows the oversubscribed teams down (2.2–2.3× longer steps)."""
+    raw = compose(interpolated=False)["services"]["worker-cpu"]
+    variable = re.fullmatch(r"\$\{([A-Z][A-Z0-9_]*):-(\d+)\}", str(raw["cpus"]))
+    assert variable, f"cpus: {raw['cpus']!r} is not ${{NAME:-default}} with a whole default"
+    assert raw["environment"]["OMP_NUM_THREADS"] == raw["cpus"], "the threads follow the limit"
+    assert not variable[1].startswith("DDPM_"), "DDPM_* variables are the settings of app/settings.py"
+    worker = compose()["services"]["worker-cpu"]
+    assert worker["cpus"] == service_environment("worker-cpu")["OMP_NUM_THREADS"] == variable[2]
+    assert int(variable[2]) >= 1
+    assert interpolate(raw["cpus"], {variable[1]: "6"}) == "6"
+    assert variable[1] in (REPO / "docs" / "deployment.md").read_text()
 
 
 def test_api_key_comes_from_an_env_file():

@@ -10,10 +10,13 @@ import subprocess
 import pytest
 
 from app.cli import BUNDLED_MODEL
+from app.evaluation.cli import DEFAULT_CLASSIFIER
 from tests.deploy.repo import (
+    CACHE_VARIABLES,
     DOCKERFILE,
     HEALTHCHECK,
     REPO,
+    dockerfile_apt_packages,
     dockerfile_arg,
     dockerfile_env,
     dockerfile_instructions,
@@ -92,6 +95,18 @@ def test_environment():
     assert not secretive and not args, "no secrets in the image"
 
 
+@pytest.mark.parametrize("variant", ["cpu", "gpu"])
+def test_torch_compile_has_a_compiler_and_writable_caches(variant):
+    """DDPM_COMPILE=true: inductor builds CPU kernels with g++, Triton its GPU launchers with cc (g++ depends
+    on gcc); python:3.11-slim has neither. Their caches default to the read-only HOME (~/.triton) or a
+    user-named /tmp folder: the image puts all its caches under /tmp, the mount compose and the
+    manifests make writable (test_compose.py, test_k8s.py)."""
+    assert "g++" in dockerfile_apt_packages(variant)
+    env = dockerfile_env(variant)
+    for name in CACHE_VARIABLES:
+        assert env[name].startswith("/tmp/"), f"{name}={env[name]}"
+
+
 def test_entrypoint_and_default_role():
     instructions = dict(dockerfile_instructions())
     assert instructions["ENTRYPOINT"] == '["/app/docker/entrypoint.sh"]'
@@ -123,10 +138,12 @@ def test_context_holds_what_the_image_copies(ignore_patterns):
     for instruction, args in dockerfile_instructions():
         if instruction == "COPY" and "--from" not in args:
             sources += [a for a in args.split() if not a.startswith("--")][:-1]
-    assert "models/mnist/" in sources
+    assert {"models/mnist/", "models/mnist-classifier/"} <= set(sources)
     for source in sources:
         assert not _ignored(source.rstrip("/"), ignore_patterns), f"{source} is excluded by .dockerignore"
     assert (REPO / "models" / "mnist").resolve() == BUNDLED_MODEL, "the bundled model is where app.cli looks"
+    # README: the image reads the bundled model and the classifier (`ddpm eval`'s default) from models/.
+    assert (REPO / "models" / "mnist-classifier").resolve() == DEFAULT_CLASSIFIER
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import sys
 import tomllib
 
 import pytest
+import yaml
 from prometheus_client import Counter, Gauge, Histogram
 
 from app import cli, metrics
@@ -23,6 +24,7 @@ from tests.deploy.repo import (
     OVERLAYS,
     REPO,
     compose,
+    is_our_image,
     setting_variables,
 )
 from tests.redis_server import free_port
@@ -68,7 +70,7 @@ def test_compose_and_manifests_use_only_those_roles():
         for doc in render(K8S / "overlays" / overlay):
             for spec in pod_specs(doc):
                 for container in spec["containers"]:
-                    if container["image"].startswith("ddpm-serve"):
+                    if is_our_image(container["image"]):
                         assert container["args"][0] in ROLES
 
 
@@ -136,3 +138,52 @@ def test_dashboard_uses_real_metrics():
     assert all(p["datasource"]["uid"] == "prometheus" for p in panels)
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+
+
+def _job_roles() -> dict[str, dict[str, str]]:
+    """Prometheus's `job` label of each role's targets: compose's from docker/prometheus.yml; the
+    Prometheus Operator's from the ServiceMonitor (the Service's name, unless the monitor sets jobLabel)."""
+    roles = {
+        name: service["command"][0] for name, service in compose()["services"].items() if "command" in service
+    }
+    config = yaml.safe_load((REPO / "docker" / "prometheus.yml").read_text())
+    jobs = {"compose": {}, "kubernetes": {}}
+    for job in config["scrape_configs"]:
+        (role,) = {roles[name] for sd in job["dns_sd_configs"] for name in sd["names"]}
+        jobs["compose"][job["job_name"]] = role
+    docs = render(K8S / "overlays" / "gpu")
+    (monitor,) = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    ports = {endpoint["port"] for endpoint in monitor["spec"]["endpoints"]}
+    for service in (d for d in docs if d["kind"] == "Service"):
+        labels = service["metadata"]["labels"]
+        selected = all(labels.get(k) == v for k, v in monitor["spec"]["selector"]["matchLabels"].items())
+        if selected and ports & {port["name"] for port in service["spec"]["ports"]}:
+            job = (
+                labels[monitor["spec"]["jobLabel"]]
+                if "jobLabel" in monitor["spec"]
+                else service["metadata"]["name"]
+            )
+            jobs["kubernetes"][job] = labels["app.kubernetes.io/component"]
+    assert set(jobs["compose"].values()) == set(jobs["kubernetes"].values()) == {"api", "worker"}
+    return jobs
+
+
+def test_dashboard_job_matchers_fit_compose_and_kubernetes():
+    """A panel on `job="ddpm-worker"` is empty under the Prometheus Operator, whose job is the Service's
+    name (ddpm-worker-metrics): each matcher must select the same roles in both set-ups."""
+    jobs = _job_roles()
+    dashboard = json.loads(DASHBOARD.read_text())
+    expressions = [t["expr"] for p in dashboard["panels"] if p["type"] != "row" for t in p["targets"]]
+    matchers = [m for expr in expressions for m in re.findall(r'\bjob\s*(=~|!~|!=|=)\s*"([^"]*)"', expr)]
+    assert matchers, "no panel selects by job: drop this test"
+    for op, value in matchers:
+        assert op in ("=", "=~"), f"job{op}: not checked here"
+        selected = {
+            setup: {
+                role
+                for job, role in names.items()
+                if (job == value if op == "=" else re.fullmatch(value, job))
+            }
+            for setup, names in jobs.items()
+        }
+        assert selected["compose"] and selected["compose"] == selected["kubernetes"], (op, value, selected)

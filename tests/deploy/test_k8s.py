@@ -4,6 +4,7 @@ real endpoints, graceful worker termination, least-privilege network policies, K
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,30 @@ import yaml
 
 from app.jobs.redis_keys import GROUP, Keys
 from app.settings import Settings
-from tests.deploy.kustomize import KustomizeError, apply_operation, load_documents, pod_specs, render
-from tests.deploy.repo import CRD_KINDS, K8S, OVERLAYS, REPO, tool
+from tests.deploy.kustomize import (
+    KUSTOMIZATION,
+    KustomizeError,
+    apply_operation,
+    load_documents,
+    pod_specs,
+    render,
+    split_image,
+)
+from tests.deploy.repo import (
+    CACHE_VARIABLES,
+    CRD_KINDS,
+    K8S,
+    OVERLAYS,
+    REPO,
+    dockerfile_env,
+    is_our_image,
+    is_within,
+    tool,
+)
 
 # The oldest Kubernetes the manifests support (preStop `sleep` is on by default from 1.30) and the newest
 # kubernetes-validate knows.
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
-OUR_IMAGE = "ddpm-serve"
 
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
@@ -64,17 +82,87 @@ def test_overlays_differ_as_intended():
     assert {d["kind"] for d in gpu} >= CRD_KINDS
     cpu_worker, gpu_worker = (pod_specs(by_kind(d, "Deployment")["ddpm-worker"])[0] for d in (cpu, gpu))
     assert "nvidia.com/gpu" not in str(cpu_worker)
-    assert gpu_worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert gpu_worker["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpu_worker[
         "tolerations"
     ]
-    assert gpu_worker["containers"][0]["image"] == f"{OUR_IMAGE}:gpu"
-    assert cpu_worker["containers"][0]["image"] == f"{OUR_IMAGE}:cpu"
+    assert split_image(gpu_worker["containers"][0]["image"])[1].endswith("gpu")
+    assert cpu_worker["containers"][0]["image"] == _container(cpu, "ddpm-api")["image"] == "ddpm-serve:cpu"
     assert by_kind(cpu, "ConfigMap")["ddpm-config"]["data"]["DDPM_DEVICE"] == "cpu"
     assert by_kind(gpu, "ConfigMap")["ddpm-config"]["data"]["DDPM_DEVICE"] == "cuda"
     volumes = {v["name"]: v for v in gpu_worker["volumes"]}
     assert volumes["models"]["persistentVolumeClaim"]["claimName"] in by_kind(gpu, "PersistentVolumeClaim")
+
+
+def test_gpu_workers_need_only_the_device_plugin():
+    """The GPU request places a worker on a node with a free GPU. A node selector on a label that only
+    NVIDIA's GPU Operator sets (nvidia.com/gpu.present, from feature discovery) would leave the workers
+    Pending on clusters with the plain device plugin, which docs/deployment.md says is enough."""
+    worker = pod_specs(by_kind(render(K8S / "overlays" / "gpu"), "Deployment")["ddpm-worker"])[0]
+    resources = worker["containers"][0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == 1
+    assert "nodeSelector" not in worker and "affinity" not in worker
+    assert "nvidia.com/gpu.product" in (REPO / "docs" / "deployment.md").read_text(), "how to pin a GPU type"
+
+
+def test_gpu_workers_roll_out_without_a_spare_gpu():
+    """A surge pod needs a GPU of its own: with every GPU in use it stays Pending and the rollout stalls.
+    GPU workers are replaced one at a time instead, as many as the PodDisruptionBudget lets go."""
+    cpu, gpu = (render(K8S / "overlays" / name) for name in OVERLAYS)
+    strategy = by_kind(gpu, "Deployment")["ddpm-worker"]["spec"]["strategy"]
+    assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    assert by_kind(gpu, "PodDisruptionBudget")["ddpm-worker"]["spec"]["maxUnavailable"] == 1
+    # CPU workers have no such scarce resource: a new pod is ready before an old one goes.
+    cpu_strategy = by_kind(cpu, "Deployment")["ddpm-worker"]["spec"]["strategy"]["rollingUpdate"]
+    assert cpu_strategy == {"maxSurge": 1, "maxUnavailable": 0}
+
+
+def test_gpu_cluster_runs_release_images():
+    """A mutable tag (`:gpu`) with imagePullPolicy IfNotPresent: pushing a new build under it rolls nothing
+    out, and nodes keep whichever build they pulled first. The overlay's `images` names a release tag (or a
+    digest) per variant; kustomize matches images by name alone, so the workers' has a name of its own."""
+    spec = yaml.safe_load((K8S / "overlays" / "gpu" / KUSTOMIZATION).read_text())
+    entries = {entry["name"]: entry for entry in spec["images"]}
+    assert set(entries) == {"ddpm-serve", "ddpm-serve-gpu"}
+    for name, entry in entries.items():  # kustomize applies them in turn: none may rename into another
+        assert split_image(entry.get("newName", name))[0] not in set(entries) - {name}, name
+    docs = render(K8S / "overlays" / "gpu")
+    for deployment, variant in (("ddpm-api", "cpu"), ("ddpm-worker", "gpu")):
+        container = _container(docs, deployment)
+        name, tag, digest = split_image(container["image"])
+        assert name.rsplit("/", 1)[-1] == "ddpm-serve", container["image"]
+        assert digest.startswith("sha256:") or re.fullmatch(rf"v?\d+\.\d+\.\d+\S*-{variant}", tag), tag
+        assert container["imagePullPolicy"] == "IfNotPresent"
+
+
+def test_models_volume_binds_only_a_prepared_volume():
+    """The default StorageClass would refuse ReadOnlyMany, or provision an empty volume that nothing can
+    fill (the workers mount it read-only): the claim binds to a PersistentVolume made for it."""
+    pvc = by_kind(render(K8S / "overlays" / "gpu"), "PersistentVolumeClaim")["ddpm-models"]["spec"]
+    assert pvc["accessModes"] == ["ReadOnlyMany"]
+    assert pvc["storageClassName"] == ""
+    guide = (REPO / "docs" / "deployment.md").read_text()
+    assert 'storageClassName: ""' in guide and "volumeName" in guide
+
+
+def test_caches_are_on_a_writable_volume(overlay):
+    """The image's caches (torch.compile's kernels among them) under the read-only root: on an emptyDir,
+    which Kubernetes mounts without noexec; and no pod setting moves them elsewhere."""
+    _, docs = overlay
+    config = by_kind(docs, "ConfigMap")["ddpm-config"]["data"]
+    for workload in (d for d in docs if pod_specs(d)):
+        spec = pod_specs(workload)[0]
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for container in (c for c in spec["containers"] if is_our_image(c["image"])):
+            env = dockerfile_env("gpu" if "gpu" in container["image"] else "cpu")
+            names = {e["name"] for e in container.get("env", [])} | set(config)
+            assert not names & {*CACHE_VARIABLES, "HOME"}, workload["metadata"]["name"]
+            writable = [
+                m["mountPath"]
+                for m in container["volumeMounts"]
+                if "emptyDir" in volumes[m["name"]] and not m.get("readOnly")
+            ]
+            for variable in CACHE_VARIABLES:
+                assert any(is_within(env[variable], mount) for mount in writable), variable
 
 
 def test_every_object_is_in_the_namespace(overlay):
@@ -105,7 +193,7 @@ def test_pods_are_restricted(overlay):
             assert {"cpu", "memory"} <= set(resources["requests"]) and {"cpu", "memory"} <= set(
                 resources["limits"]
             ), name
-            if container["image"].startswith(OUR_IMAGE):
+            if is_our_image(container["image"]):
                 assert pod["runAsUser"] >= 10000, name
                 mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
                 volumes = {v["name"]: v for v in spec["volumes"]}
@@ -269,6 +357,35 @@ def test_renderer_refuses_what_it_does_not_support(tmp_path):
         apply_operation({"a": [1]}, {"op": "test", "path": "/a/0", "value": 2})
     with pytest.raises(KustomizeError, match="no such location"):
         apply_operation({"a": {}}, {"op": "replace", "path": "/a/b", "value": 1})
+    (tmp_path / "kustomization.yaml").write_text("resources: []\nimages: [{name: x, newImage: y}]\n")
+    with pytest.raises(KustomizeError, match="newImage"):
+        render(tmp_path)
+
+
+def test_renderer_sets_images_as_kustomize_does(tmp_path):
+    images = ["ddpm-serve:cpu", "ddpm-serve-gpu", "host:5000/ddpm-serve:1@sha256:ab", "ddpm-serve:cpu"]
+    containers = [{"name": f"c{i}", "image": image} for i, image in enumerate(images)]
+    pod = {
+        "kind": "Pod",
+        "metadata": {"name": "p"},
+        "spec": {"template": {"spec": {"containers": containers}}},
+    }
+    (tmp_path / "pod.yaml").write_text(yaml.safe_dump(pod))
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "resources": ["pod.yaml"],
+                "images": [
+                    {"name": "ddpm-serve", "newName": "r.io/ddpm-serve", "newTag": "1.0-cpu"},
+                    {"name": "ddpm-serve-gpu", "digest": "sha256:cd"},
+                    {"name": "host:5000/ddpm-serve", "newTag": "2"},
+                ],
+            }
+        )
+    )
+    rendered = [c["image"] for c in render(tmp_path)[0]["spec"]["template"]["spec"]["containers"]]
+    expected = ["r.io/ddpm-serve:1.0-cpu", "ddpm-serve-gpu@sha256:cd", "host:5000/ddpm-serve:2"]
+    assert rendered == [*expected, expected[0]]
 
 
 def test_the_worker_computes_on_as_many_threads_as_its_cpu_limit(overlay):
