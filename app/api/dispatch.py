@@ -65,8 +65,9 @@ class Dispatcher(Protocol):
 
     def default_model(self) -> str | None: ...
 
-    async def unready(self) -> str | None:
-        """Why the service cannot serve now (for /readyz), or None when it can."""
+    async def unready(self, *, workers: bool = True) -> str | None:
+        """Why the service cannot serve now (for /readyz), or None when it can. `workers=False`: whether
+        this replica can, whatever the workers (distributed: Redis answers)."""
 
     async def submit(self, job: JobRecord, work: Work) -> None:
         """Record the queued `job` and hand its `work` on; QueueFull or Unavailable when it cannot."""
@@ -119,7 +120,7 @@ class LocalDispatcher:
     def default_model(self) -> str | None:
         return self.pool.default
 
-    async def unready(self) -> str | None:
+    async def unready(self, *, workers: bool = True) -> str | None:
         dead = [name for name, engine in self.pool.engines.items() if not engine.alive]
         if dead:
             return f"engine not running for model(s): {', '.join(dead)}"

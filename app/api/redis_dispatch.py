@@ -89,7 +89,7 @@ class RedisDispatcher:
                     return name
         return min(self._specs, default=None)
 
-    async def unready(self) -> str | None:
+    async def unready(self, *, workers: bool = True) -> str | None:
         try:
             async with asyncio.timeout(PING_TIMEOUT_SECONDS):
                 await self.refresh()
@@ -99,7 +99,7 @@ class RedisDispatcher:
             pass  # refresh() noted why
         if self._unreachable is not None:
             return unreachable(self.settings.redis_url or "", self._unreachable)
-        if not self._workers:
+        if workers and not self._workers:
             return "no worker has a live heartbeat: start ddpm-worker (see docs/distributed.md)"
         return None
 

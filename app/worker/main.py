@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> None:
         from app.worker.worker import Worker, default_name
 
         threads.confine()  # before any torch work: only the engine threads compute in parallel
+        # Until the worker's own handler is in place, SIGTERM (a pod stopped while its models load) ends
+        # the process: as PID 1 in a container its default action is ignored, and the pod would wait out
+        # its whole grace period before SIGKILL.
+        signal.signal(signal.SIGTERM, stopped_while_starting)
         try:
             checkpoints = load_models(settings)
         except Exception as e:  # a bad model reference: say which, and stop
@@ -84,6 +88,10 @@ def main(argv: list[str] | None = None) -> None:
         worker.run()
     if worker.engine_died:
         sys.exit("ddpm-worker: an engine thread died or hung (see the log); its jobs were handed back")
+
+
+def stopped_while_starting(signum: int, _frame: object) -> None:
+    raise SystemExit(f"ddpm-worker: stopped by {signal.Signals(signum).name} before it started serving")
 
 
 def serve_metrics(server: Any) -> Any:

@@ -208,7 +208,7 @@ def _port(container: dict[str, Any], name: str) -> int:
     return next(p["containerPort"] for p in container["ports"] if p["name"] == name)
 
 
-def test_probes_and_ports_match_the_app(overlay, app_routes):
+def test_probes_and_ports_match_the_app(overlay, app_routes, app_query_parameters):
     _, docs = overlay
     config = by_kind(docs, "ConfigMap")["ddpm-config"]["data"]
     api, worker = _container(docs, "ddpm-api"), _container(docs, "ddpm-worker")
@@ -217,7 +217,9 @@ def test_probes_and_ports_match_the_app(overlay, app_routes):
     assert _port(worker, "metrics") == int(config["DDPM_WORKER_METRICS_PORT"])
     assert api["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert api["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-    assert api["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    # The replica's own readiness, not the workers' (tests/distributed/test_readiness.py)
+    assert api["readinessProbe"]["httpGet"] == {"path": "/readyz?workers=false", "port": "http"}
+    assert "workers" in app_query_parameters["/readyz"]
     assert {"/healthz", "/readyz", "/metrics"} <= app_routes
     for probe in ("startupProbe", "livenessProbe"):
         assert worker[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}

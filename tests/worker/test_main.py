@@ -3,6 +3,8 @@ one line each, before any model loads."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -113,3 +115,29 @@ def test_invalid_settings_and_unknown_variables_are_one_line_each(monkeypatch):
         "(did you mean DDPM_WORKER_GRACE_SECONDS?)"
     )
     assert refusal.startswith("ddpm-worker: DDPM_REDIS_URL is not set")
+
+
+def test_sigterm_while_the_models_load_stops_the_worker_at_once():
+    """A pod stopped during start-up: in a container the worker is PID 1, which ignores a SIGTERM that has
+    no handler, so without one it would wait out the pod's whole grace period. Loading is made slow here."""
+    slow_load = (
+        "import time, app.loading\n"
+        "def load_models(settings):\n"
+        "    print('loading', flush=True)\n"
+        "    time.sleep(120)\n"
+        "app.loading.load_models = load_models\n"
+        "from app.cli import worker_main\n"
+        "worker_main()\n"
+    )
+    env = {**os.environ, "DDPM_REDIS_URL": NO_REDIS}
+    worker = subprocess.Popen(
+        [sys.executable, "-c", slow_load], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert worker.stdout.readline() == "loading\n"
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=60)
+    finally:
+        worker.kill()
+    assert worker.returncode == 1, (worker.returncode, err)
+    assert err.strip().splitlines()[-1] == "ddpm-worker: stopped by SIGTERM before it started serving"
