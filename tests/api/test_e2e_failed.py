@@ -10,6 +10,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from app.cli import main
+from app.client import Client, DDPMError, Job, Progress
 from tests.api.conftest import Live, live_server, metric, read_sse, server_settings, wait_done
 
 pytestmark = pytest.mark.service
@@ -60,3 +62,24 @@ def test_a_failed_job_waited_for_is_answered_with_its_failure(client):
     # The other model on the same engine is not affected.
     fine = client.post("/sample", params={"wait": "true"}, json={"model": "tiny2", "n": 1, "steps": 2})
     assert fine.json()["status"] == "succeeded", fine.text
+
+
+def test_the_client_and_the_cli_report_a_failed_job(live, tmp_path, capsys):
+    with Client(live.url) as ddpm:
+        streamed = list(ddpm.stream(ddpm.sample(2, model="broken", steps=3, stream_every=1)))
+        final = streamed[-1]
+        assert isinstance(final, Job) and final.status == "failed" and final.error["code"] == "non_finite"
+        assert [type(event) for event in streamed[:-1]] == [Progress] * 3
+        assert ddpm.wait(final.id).status == "failed"
+        for download in (ddpm.images, ddpm.grid, ddpm.pil_images):
+            with pytest.raises(DDPMError) as caught:
+                download(final)
+            assert (caught.value.status, caught.value.code) == (409, "not_finished"), download
+    out = tmp_path / "grid.png"
+    words = ["remote", "sample", "--url", live.url, "--model", "broken", "--n", "1", "--steps", "2"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*words, "--out", str(out)])
+    assert exit_.value.code not in (0, None)
+    said = f"{exit_.value.code}\n{capsys.readouterr().err}"
+    assert "the model produced NaN or infinite values" in said, said
+    assert not out.exists()
