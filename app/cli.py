@@ -118,8 +118,11 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
+    from app.nets.checkpoint import tensorflow_checkpoint, tensorflow_checkpoint_error
     from app.nets.convert import ORIGINAL_WEIGHTS_FILE, convert_original_checkpoint
 
+    if tensorflow_checkpoint(args.weights):  # model.ckpt-790000 names the .index, .meta and .data files
+        raise tensorflow_checkpoint_error(f"--weights: {args.weights}")
     weights = Path(args.weights)
     if weights.is_dir() and (weights / "config.json").is_file():
         raise ValueError(

@@ -101,6 +101,17 @@ def test_convert_says_what_its_weights_must_be(tmp_path, tiny, original_weights)
         convert_original_checkpoint(tmp_path / "folder", tmp_path / "o", preset="small")
 
 
+def test_convert_recognises_tensorflow_checkpoints(tmp_path, original_weights):
+    for suffix in ("data-00000-of-00001", "index", "meta"):
+        (tmp_path / f"model.ckpt-790000.{suffix}").write_bytes(b"\x00\x01")
+    convert = ["convert", "--preset", "small", "--out", str(tmp_path / "o"), "--weights"]
+    for weights in ("model.ckpt-790000", "model.ckpt-790000.index"):  # the prefix names the three files
+        said = _fails([*convert, str(tmp_path / weights)])
+        assert said.startswith(f"ddpm convert: --weights: {tmp_path / weights}: a TensorFlow checkpoint, not")
+        assert "converted to PyTorch first" in said and "pesser/pytorch_diffusion" in said
+    assert not (tmp_path / "o").exists()
+
+
 def test_an_unreadable_input_file_is_named(tmp_path, original_weights, monkeypatch):
     access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: str(p) != str(original_weights) and access(p, mode))

@@ -35,7 +35,26 @@ __all__ = [
 CONFIG = "config.json"
 SCHEDULER_CONFIG = "scheduler_config.json"
 WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # in order of preference
-_LAYOUT = f"{CONFIG}, {SCHEDULER_CONFIG} and {WEIGHTS[0]} (or .bin), or unet/ and scheduler/ subfolders"
+# diffusers' `variant="fp16"` files, read (as float32) only where the plain ones are absent.
+FP16_WEIGHTS = ("diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin")
+WEIGHT_FILES = WEIGHTS + FP16_WEIGHTS
+_LAYOUT = (
+    f"{CONFIG}, {SCHEDULER_CONFIG} and {WEIGHTS[0]} (or .bin, or their .fp16 variants), or unet/ and "
+    "scheduler/ subfolders"
+)
+# What else may lie next to a config.json, for the error that finds no weights there.
+_OTHER_WEIGHTS = ("*.safetensors", "*.bin", "*.ckpt", "*.pt", "*.pth", "*.index.json", "*.index.*.json")
+
+# The paper's own release: TensorFlow checkpoints, model.ckpt-790000.{index,meta,data-00000-of-00001}.
+_TF_CHECKPOINT = re.compile(r".*\.(index|meta|data-\d+-of-\d+)")
+TF_CHECKPOINT_ADVICE = (
+    "TensorFlow checkpoints (the paper's original release) must be converted to PyTorch first: the PyTorch "
+    "port of the original code, github.com/pesser/pytorch_diffusion, converts them (its scripts/convert.py, "
+    "which needs TensorFlow) and offers the converted files (model-790000.ckpt and the like) for download; "
+    "load one of those as PRESET:model-790000.ckpt, or convert it with `ddpm convert`. The diffusers "
+    "copies of the paper's models are hf:google/ddpm-cifar10-32, -celebahq-256, -church-256, -bedroom-256 "
+    "and -cat-256"
+)
 
 # diffusers files of 2022 name the attention projections as its old AttentionBlock did.
 _LEGACY_ATTENTION = re.compile(r"(.*\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)")
@@ -85,14 +104,42 @@ def _unpickler_reason(message: str) -> str:
     return reason.split(". Please use", 1)[0]
 
 
+def tensorflow_checkpoint(path: str | os.PathLike[str]) -> Path | None:
+    """The TensorFlow checkpoint file `path` is (model.ckpt-N.index, .meta or .data-…-of-…) or names by
+    its prefix (model.ckpt-N, with model.ckpt-N.index beside it), None otherwise."""
+    path = Path(path)
+    if _TF_CHECKPOINT.fullmatch(path.name) and path.is_file():
+        return path
+    index = path.with_name(path.name + ".index")
+    return index if not path.exists() and index.is_file() else None
+
+
+def _tensorflow_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if _TF_CHECKPOINT.fullmatch(p.name) and p.is_file())
+
+
+def tensorflow_checkpoint_error(path: str | os.PathLike[str]) -> CheckpointError:
+    return CheckpointError(f"{path}: a TensorFlow checkpoint, not PyTorch weights. {TF_CHECKPOINT_ADVICE}")
+
+
+def _without_data_parallel_prefix(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A state_dict saved from a torch.nn.DataParallel (or DistributedDataParallel) wrapper has every key
+    under "module."; the network's own keys are what is left."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """The tensors of a .safetensors file, or of a pickle (.bin/.ckpt/.pt/.pth) read with weights_only=True,
-    which runs no code from the file."""
+    which runs no code from the file; a "module." prefix on every key (DataParallel's) is removed."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(
             f"{path}: a folder, not a weights file (.safetensors, .ckpt, .pt, .pth or .bin)"
         )
+    if tensorflow_checkpoint(path):
+        raise tensorflow_checkpoint_error(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.suffix == ".safetensors":
@@ -129,7 +176,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             raise CheckpointError(
                 f"{path}: expected a state_dict (a dict of tensors), but {key!r} holds a {kind}"
             )
-    return state
+    return _without_data_parallel_prefix(state)
 
 
 def _few(keys: list[str]) -> str:
@@ -215,16 +262,40 @@ def load_checkpoint(
         raise CheckpointError(
             f"{root}: {'not a folder' if root.exists() else 'no such folder'}; expected {_LAYOUT}"
         )
-    config_path = _find(root, "unet", CONFIG)
+    try:
+        config_path = _find(root, "unet", CONFIG)
+    except CheckpointError as e:
+        if tf := _tensorflow_files(root):  # the paper's release folder, diffusion_cifar10_model/
+            raise CheckpointError(f"{root}: holds {_few(tf)}, no {CONFIG}: {TF_CHECKPOINT_ADVICE}") from e
+        raise
     config = _parse(UNetConfig, config_path)
     if scheduler is None:
         scheduler = _parse(SchedulerConfig, _find(root, "scheduler", SCHEDULER_CONFIG))
-    for name in WEIGHTS:
-        weights = config_path.parent / name
-        if weights.is_file():
-            unet = unet_from_state_dict(config, read_state_dict(weights), source=str(weights), device=device)
-            return Checkpoint(unet=unet, scheduler=scheduler, name=root.resolve().name, source=str(root))
-    raise CheckpointError(f"{config_path.parent}: no {' or '.join(WEIGHTS)} next to {CONFIG}")
+    weights = weights_file(config_path.parent)
+    unet = unet_from_state_dict(config, read_state_dict(weights), source=str(weights), device=device)
+    return Checkpoint(unet=unet, scheduler=scheduler, name=root.resolve().name, source=str(root))
+
+
+def weights_file(folder: Path) -> Path:
+    """The weights file of the folder holding a config.json: the first of WEIGHT_FILES there (the .fp16
+    variants only where the plain files are absent); else a CheckpointError naming what the folder holds."""
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted({p.name for pattern in _OTHER_WEIGHTS for p in folder.glob(pattern) if p.is_file()})
+    tf = _tensorflow_files(folder)
+    message = f"{folder}: no {', '.join(WEIGHT_FILES[:-1])} or {WEIGHT_FILES[-1]} next to {CONFIG}"
+    shards = [name for name in found if ".index." in name]
+    if tf:
+        message += f"; found {_few(tf)}: {TF_CHECKPOINT_ADVICE}"
+    elif shards:
+        message += (
+            f"; found {_few(shards)}: sharded weights, which this service does not read; save the model "
+            "unsharded (diffusers: save_pretrained with a max_shard_size above its size)"
+        )
+    elif found:
+        message += f"; found {_few(found)}"
+    raise CheckpointError(message)
 
 
 def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 import torch
 
 from app.nets.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D")
@@ -46,11 +49,19 @@ def _unsupported(key: str, value: Any, supported: str) -> CheckpointError:
     return CheckpointError(f"config key {key!r} = {value!r} is not supported; supported: {supported}")
 
 
-def _merge(d: Mapping[str, Any], defaults: dict[str, Any], class_name: str) -> dict[str, Any]:
-    """`defaults` updated with the config.json dict `d`, lists made tuples; refuses unknown keys."""
+def _merge(
+    d: Mapping[str, Any], defaults: dict[str, Any], class_name: str, inert: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """`defaults` updated with the config.json dict `d`, lists made tuples. Private keys ("_class_name",
+    "_diffusers_version", "_name_or_path", …) are ignored, as diffusers does, once "_class_name" is checked;
+    the keys of `inert` (key: why it changes nothing) are dropped with a log line; other unknown keys are
+    refused, since they could change the network or the maths."""
     if d.get("_class_name", class_name) != class_name:
         raise _unsupported("_class_name", d["_class_name"], repr(class_name))
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if not k.startswith("_")}
+    for key, why in (inert or {}).items():
+        if key in given and key not in defaults:
+            log.info("%s config: ignoring %s = %r (%s)", class_name, key, given.pop(key), why)
     for key in sorted(given.keys() - defaults.keys()):
         raise _unsupported(key, given[key], f"the {class_name} keys {', '.join(sorted(defaults))}")
     return defaults | given
@@ -144,7 +155,13 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> UNetConfig:
         """From a diffusers config.json dict; keys starting with "_" are ignored, missing keys take
-        diffusers' defaults, anything this network cannot reproduce raises CheckpointError."""
+        diffusers' defaults (but `sample_size`, the image size, is required), anything this network cannot
+        reproduce raises CheckpointError."""
+        if "sample_size" not in d:  # diffusers' default is None: a network of no particular size
+            raise CheckpointError(
+                "the config has no 'sample_size'; this service needs the image size: add \"sample_size\": N "
+                "(the height and width of the images the model was trained on)"
+            )
         return cls(**_merge(d, cls.diffusers_defaults(), "UNet2DModel"))
 
     @classmethod
@@ -198,8 +215,41 @@ class UNetConfig:
             return UNet(self).num_parameters()
 
 
-# As app.diffusion.schedule: "cosine" is this project's name for diffusers' "squaredcos_cap_v2".
+# As app.diffusion.schedule: "cosine" is this project's name for diffusers' "squaredcos_cap_v2" (the same
+# betas: Nichol & Dhariwal's s = 0.008, each capped at 0.999). Read as either, kept and written as diffusers'.
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine")
+_DIFFUSERS_SCHEDULE_NAMES = {"cosine": "squaredcos_cap_v2"}
+# Scheduler keys of older diffusers that change nothing here: dropped with a log line, as diffusers does.
+_INERT_SCHEDULER_KEYS = {"tensor_format": "early diffusers' array library (np or pt), not the maths"}
+# DDPMScheduler's `predict_epsilon` (diffusers 0.7-0.11), replaced by `prediction_type`.
+_PREDICT_EPSILON = {True: "epsilon", False: "sample"}
+
+
+def _legacy_scheduler_keys(d: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """`d` with the older diffusers' spellings of DDPMScheduler keys in today's terms, and a note naming
+    what was translated ("" if nothing). `predict_epsilon` becomes `prediction_type` (diffusers 0.7-0.11 did
+    the same); early diffusers' unused `timestep_values`, when null, is dropped."""
+    d = dict(d)
+    note = ""
+    if "timestep_values" in d and d["timestep_values"] is None:
+        log.info("DDPMScheduler config: ignoring timestep_values = None (early diffusers', unused)")
+        del d["timestep_values"]
+    if "predict_epsilon" in d:
+        value = d.pop("predict_epsilon")
+        if not isinstance(value, bool):
+            raise _unsupported("predict_epsilon", value, "true or false (diffusers 0.7-0.11)")
+        mapped = _PREDICT_EPSILON[value]
+        given = d.get("prediction_type", mapped)
+        if given != mapped:
+            raise CheckpointError(
+                f"config keys 'predict_epsilon' = {value!r} and 'prediction_type' = {given!r} disagree: "
+                f"'predict_epsilon' = {value!r} means prediction_type {mapped!r}; remove one of them"
+            )
+        d["prediction_type"] = mapped
+        note = f"from 'predict_epsilon' = {value!r}: diffusers 0.7-0.11's prediction_type {mapped!r}"
+    return d, note
+
+
 # ε-prediction with the paper's fixed variances: β_t ("large") or β̃_t ("small"), plain or as a log.
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
 
@@ -229,6 +279,8 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if self.trained_betas is not None:
             object.__setattr__(self, "trained_betas", tuple(self.trained_betas))
+        if self.beta_schedule in _DIFFUSERS_SCHEDULE_NAMES:  # one name, the one diffusers reads
+            object.__setattr__(self, "beta_schedule", _DIFFUSERS_SCHEDULE_NAMES[self.beta_schedule])
         if self.prediction_type != "epsilon":
             raise _unsupported("prediction_type", self.prediction_type, "'epsilon' (the paper's ε_θ)")
         if self.variance_type not in VARIANCE_TYPES:
@@ -263,8 +315,15 @@ class SchedulerConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SchedulerConfig:
-        """From a diffusers scheduler_config.json dict, like `UNetConfig.from_dict`."""
-        return cls(**_merge(d, cls.diffusers_defaults(), "DDPMScheduler"))
+        """From a diffusers scheduler_config.json dict, like `UNetConfig.from_dict`; the keys of older
+        diffusers are read as it read them (`predict_epsilon`) or dropped where inert (`tensor_format`)."""
+        d, note = _legacy_scheduler_keys(d)
+        try:
+            return cls(**_merge(d, cls.diffusers_defaults(), "DDPMScheduler", _INERT_SCHEDULER_KEYS))
+        except CheckpointError as e:
+            if note and "'prediction_type'" in str(e):
+                raise CheckpointError(f"{e} ({note})") from None
+            raise
 
     def to_dict(self) -> dict[str, Any]:
         """A scheduler_config.json dict that diffusers' `DDPMScheduler.from_config` accepts."""

@@ -49,6 +49,7 @@ _LEAVES = {
 }
 ATTENTION_PROJECTION = re.compile(r".*\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight")
 ORIGINAL_FORMAT_MARKER = "temb.dense.0.weight"
+DIFFUSERS_FORMAT_MARKER = "time_embedding.linear_1.weight"
 # What `convert` reads, in words for error messages.
 ORIGINAL_WEIGHTS_FILE = "the original-format checkpoint file (.ckpt, .pt, .pth or .safetensors)"
 
@@ -72,6 +73,11 @@ def _diffusers_shapes(config: UNetConfig) -> dict[str, torch.Size]:
 
 def is_original_format(state: dict[str, Tensor]) -> bool:
     return ORIGINAL_FORMAT_MARKER in state
+
+
+def is_diffusers_format(state: dict[str, Tensor]) -> bool:
+    """Whether `state` names its tensors as diffusers' UNet2DModel does (time_embedding.linear_1…)."""
+    return DIFFUSERS_FORMAT_MARKER in state and not is_original_format(state)
 
 
 def convert_original_state_dict(state: dict[str, Tensor], config: UNetConfig) -> dict[str, Tensor]:
@@ -110,6 +116,12 @@ def convert_original_checkpoint(
             raise CheckpointError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
         preset = PRESETS[preset]
     state = read_state_dict(weights_path)
+    if is_diffusers_format(state):
+        raise CheckpointError(
+            f"{weights_path}: these weights have diffusers' key names already (time_embedding.linear_1, "
+            f"down_blocks…) and need no converting; load them as PRESET:WEIGHTS, e.g. --model "
+            f"{preset.name}:{weights_path}"
+        )
     try:
         converted = convert_original_state_dict(state, preset.unet)
     except CheckpointError as e:

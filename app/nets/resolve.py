@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from app.nets.checkpoint import (
     CONFIG,
     SCHEDULER_CONFIG,
-    WEIGHTS,
+    WEIGHT_FILES,
     Checkpoint,
     load_checkpoint,
     read_state_dict,
@@ -65,10 +66,13 @@ def resolve_model(ref: str, *, device: str | torch.device = "cpu") -> Checkpoint
     raise CheckpointError(f"{ref}: not a checkpoint folder nor a model reference; {_forms()}")
 
 
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
 def _download(repo_id: str, revision: str | None) -> Path:
     """The repository's snapshot folder with the config files and one weights file (safetensors when the
-    repository has it) of one layout, fetched by huggingface_hub, which honours HF_HUB_OFFLINE, HF_HOME
-    and HF_HUB_CACHE."""
+    repository has it; the fp16 variant only where the plain files are absent) of one layout, all of one
+    commit, fetched by huggingface_hub, which honours HF_HUB_OFFLINE, HF_HOME and HF_HUB_CACHE."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -76,19 +80,28 @@ def _download(repo_id: str, revision: str | None) -> Path:
             f"hf:{repo_id}: the Hugging Face Hub needs huggingface_hub: .venv/bin/pip install -e '.[hub]'"
         ) from None
 
-    def fetch(patterns: list[str]) -> Path:
+    def fetch(patterns: list[str], at: str | None) -> Path:
         try:
-            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+            return Path(snapshot_download(repo_id, revision=at, allow_patterns=patterns))
         except (OSError, ValueError) as e:  # the hub's errors: not found, offline and not cached, bad id
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             ref = f"hf:{repo_id}" + (f"@{revision}" if revision else "")
             raise CheckpointError(f"{ref}: cannot fetch from the Hugging Face Hub: {reason}") from None
 
     # The configs first: they tell which layout the weights have (google/ddpm-* hold both).
-    folder = fetch([CONFIG, SCHEDULER_CONFIG, f"unet/{CONFIG}", f"scheduler/{SCHEDULER_CONFIG}"])
+    folder = fetch([CONFIG, SCHEDULER_CONFIG, f"unet/{CONFIG}", f"scheduler/{SCHEDULER_CONFIG}"], revision)
+    # The snapshot folder is named by the commit `revision` resolved to: the weights come from that commit
+    # too, even if the branch moves in between (and the hub is not asked to resolve the branch again).
+    commit = folder.name if _COMMIT.fullmatch(folder.name) else revision
     prefix = "" if (folder / CONFIG).is_file() else "unet/"
-    for name in WEIGHTS:
+    return _fetch_weights(lambda patterns: fetch(patterns, commit), prefix)
+
+
+def _fetch_weights(fetch: Callable[[list[str]], Path], prefix: str) -> Path:
+    """The snapshot folder once `fetch(allow_patterns)` has brought the first of WEIGHT_FILES (under
+    `prefix`) the repository has; if it has none, its weights index files too (small), for the error."""
+    for name in WEIGHT_FILES:
         folder = fetch([prefix + name])
         if (folder / prefix / name).is_file():
-            break
-    return folder
+            return folder
+    return fetch([prefix + "*.index.json", prefix + "*.index.*.json"])

@@ -12,10 +12,12 @@ from app.nets.checkpoint import (
     CheckpointError,
     SchedulerConfig,
     load_checkpoint,
+    read_state_dict,
     save_checkpoint,
     unet_from_state_dict,
 )
 from app.nets.unet import UNet
+from app.sampling import schedule_from
 
 SCHEDULER = SchedulerConfig(variance_type="fixed_small")
 
@@ -238,7 +240,14 @@ def test_missing_files_and_folders(saved, tmp_path):
 def test_missing_weights(saved):
     folder, _ = saved
     (folder / "diffusion_pytorch_model.safetensors").unlink()
-    assert "no diffusion_pytorch_model.safetensors or diffusion_pytorch_model.bin" in error_of(folder)
+    said = error_of(folder)
+    assert said == (
+        f"{folder}: no diffusion_pytorch_model.safetensors, diffusion_pytorch_model.bin, "
+        "diffusion_pytorch_model.fp16.safetensors or diffusion_pytorch_model.fp16.bin next to config.json"
+    )
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "ema.ckpt").write_bytes(b"")
+    assert error_of(folder) == f"{said}; found ema.ckpt, model.safetensors"
 
 
 def test_loads_onto_the_requested_device_in_float32(tmp_path, random_unet):
@@ -248,3 +257,89 @@ def test_loads_onto_the_requested_device_in_float32(tmp_path, random_unet):
     assert {p.dtype for p in ckpt.unet.parameters()} == {torch.float32}
     assert {p.device.type for p in ckpt.unet.parameters()} == {"cpu"}
     assert isinstance(ckpt.unet, UNet)
+
+
+def test_a_cosine_schedule_is_saved_as_diffusers_names_it(tmp_path, random_unet):
+    from app.training.train import TrainConfig
+
+    scheduler = TrainConfig(data="-", out="-", beta_schedule="cosine").scheduler_config()
+    save_checkpoint(tmp_path, random_unet(), scheduler)
+    assert (
+        json.loads((tmp_path / "scheduler_config.json").read_text())["beta_schedule"] == "squaredcos_cap_v2"
+    )
+    theirs = DDPMScheduler.from_pretrained(tmp_path)
+    ours = schedule_from(load_checkpoint(tmp_path).scheduler)
+    torch.testing.assert_close(ours.betas.float(), theirs.betas, rtol=1e-6, atol=0)
+    torch.testing.assert_close(ours.betas, schedule_from(SchedulerConfig(beta_schedule="cosine")).betas)
+
+
+@pytest.mark.parametrize("safe_serialization", [True, False], ids=["safetensors", "bin"])
+@pytest.mark.parametrize("layout", ["top-level", "pipeline"])
+def test_fp16_variant_weights_load_as_float32(tmp_path, diffusers_unet, x_t, layout, safe_serialization):
+    half = diffusers_unet.to(torch.float16)
+    scheduler = DDPMScheduler.from_config(SCHEDULER.to_dict())
+    save = {"safe_serialization": safe_serialization, "variant": "fp16"}
+    if layout == "pipeline":
+        DDPMPipeline(half, scheduler).save_pretrained(tmp_path, **save)
+        folder = tmp_path / "unet"
+    else:
+        half.save_pretrained(tmp_path, **save)
+        scheduler.save_pretrained(tmp_path)
+        folder = tmp_path
+    suffix = "safetensors" if safe_serialization else "bin"
+    assert [p.name for p in folder.glob("diffusion_pytorch_model*")] == [
+        f"diffusion_pytorch_model.fp16.{suffix}"
+    ]
+    ckpt = load_checkpoint(tmp_path)
+    assert {p.dtype for p in ckpt.unet.parameters()} == {torch.float32}
+    state = ckpt.unet.state_dict()
+    assert all(torch.equal(state[k], v.float()) for k, v in half.state_dict().items())
+    torch.testing.assert_close(eps(ckpt.unet, x_t), eps(half.float(), x_t), rtol=1e-5, atol=1e-5)
+
+
+def test_plain_weights_are_preferred_over_the_fp16_variant(tmp_path, random_unet, x_t):
+    unet, other = random_unet(seed=1), random_unet(seed=2)
+    save_checkpoint(tmp_path, unet, SCHEDULER)
+    save_file(other.half().state_dict(), tmp_path / "diffusion_pytorch_model.fp16.safetensors")
+    assert torch.equal(eps(load_checkpoint(tmp_path).unet, x_t), eps(unet, x_t))
+
+
+def test_sharded_weights_are_named(tmp_path, diffusers_unet):
+    diffusers_unet.save_pretrained(tmp_path, max_shard_size="300KB")
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(SCHEDULER.to_dict()))
+    assert (tmp_path / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    said = error_of(tmp_path)
+    assert "found diffusion_pytorch_model.safetensors.index.json: sharded weights" in said
+
+
+TF_RELEASE = ("model.ckpt-790000.data-00000-of-00001", "model.ckpt-790000.index", "model.ckpt-790000.meta")
+
+
+def test_tensorflow_checkpoints_are_recognised(tmp_path, saved):
+    release = tmp_path / "diffusion_cifar10_model"
+    release.mkdir()
+    for name in TF_RELEASE:
+        (release / name).write_bytes(b"\x00\x01 not a pickle")  # torch.load: "Unsupported operand"
+    advice = "TensorFlow checkpoints (the paper's original release) must be converted to PyTorch first"
+    for path in (*(release / name for name in TF_RELEASE), release / "model.ckpt-790000"):
+        with pytest.raises(CheckpointError) as e:
+            read_state_dict(path)
+        assert str(e.value).startswith(f"{path}: a TensorFlow checkpoint, not PyTorch weights. {advice}")
+        assert "pesser/pytorch_diffusion" in str(e.value) and "Unsupported operand" not in str(e.value)
+    said = error_of(release)  # the release folder given as a checkpoint folder
+    assert said.startswith(f"{release}: holds model.ckpt-790000.data-00000-of-00001, ") and advice in said
+    folder, _ = saved  # beside a config.json, in place of the weights
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    for name in TF_RELEASE:
+        (folder / name).write_bytes(b"")
+    assert advice in error_of(folder)
+
+
+def test_a_data_parallel_prefix_is_removed(tmp_path, random_unet):
+    state = random_unet().state_dict()
+    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "dp.pt")
+    read = read_state_dict(tmp_path / "dp.pt")
+    assert read.keys() == state.keys() and all(torch.equal(read[k], v) for k, v in state.items())
+    partly = {f"module.{k}" if k.startswith("conv_in.") else k: v for k, v in state.items()}
+    torch.save(partly, tmp_path / "partly.pt")
+    assert read_state_dict(tmp_path / "partly.pt").keys() == partly.keys()  # not DataParallel's: kept

@@ -148,3 +148,78 @@ def test_trained_betas_are_the_schedule_when_given():
     for bad in ([0.1] * 39, [0.1] * 39 + [1.0]):
         with pytest.raises(CheckpointError, match="trained_betas"):
             SchedulerConfig.from_dict({"trained_betas": bad, "num_train_timesteps": 40})
+
+
+# google/ddpm-cifar10-32's scheduler_config.json as diffusers 0.1-0.2 wrote such files.
+OLD_SCHEDULER = {
+    "_class_name": "DDPMScheduler",
+    "_diffusers_version": "0.1.1",
+    "_name_or_path": "google/ddpm-cifar10-32",
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "clip_sample": True,
+    "num_train_timesteps": 1000,
+    "tensor_format": "pt",
+    "timestep_values": None,
+    "trained_betas": None,
+    "variance_type": "fixed_large",
+}
+
+
+def test_inert_legacy_scheduler_keys_are_dropped_with_a_log_line(caplog):
+    caplog.set_level("INFO", logger="app.nets.config")
+    config = SchedulerConfig.from_dict(OLD_SCHEDULER)
+    assert config == SchedulerConfig(variance_type="fixed_large")
+    assert "tensor_format = 'pt'" in caplog.text and "timestep_values = None" in caplog.text
+    # diffusers reads the same file as the same scheduler (it ignores both keys)
+    assert SchedulerConfig.from_dict(dict(DDPMScheduler.from_config(OLD_SCHEDULER).config)) == config
+    # Not inert: a timestep_values that lists timesteps, and keys of other classes, are still refused.
+    for key, value in (("timestep_values", [999, 500, 0]), ("set_alpha_to_one", True)):
+        with pytest.raises(CheckpointError, match=rf"config key {key!r} = .* is not supported"):
+            SchedulerConfig.from_dict(OLD_SCHEDULER | {key: value})
+
+
+def test_predict_epsilon_is_read_as_prediction_type():
+    assert SchedulerConfig.from_dict({"predict_epsilon": True}).prediction_type == "epsilon"
+    agreeing = {"predict_epsilon": True, "prediction_type": "epsilon"}
+    assert SchedulerConfig.from_dict(agreeing) == SchedulerConfig.from_dict({})
+    with pytest.raises(CheckpointError) as e:
+        SchedulerConfig.from_dict({"predict_epsilon": False})  # an x₀-predicting network
+    assert "'prediction_type' = 'sample' is not supported; supported: 'epsilon'" in str(e.value)
+    assert "from 'predict_epsilon' = False" in str(e.value)
+    with pytest.raises(CheckpointError) as e:
+        SchedulerConfig.from_dict({"predict_epsilon": True, "prediction_type": "v_prediction"})
+    assert str(e.value) == (
+        "config keys 'predict_epsilon' = True and 'prediction_type' = 'v_prediction' disagree: "
+        "'predict_epsilon' = True means prediction_type 'epsilon'; remove one of them"
+    )
+    with pytest.raises(CheckpointError, match="'predict_epsilon' = 'yes' is not supported"):
+        SchedulerConfig.from_dict({"predict_epsilon": "yes"})
+
+
+def test_private_keys_are_ignored_as_diffusers_does():
+    private = {"_diffusers_version": "0.30.0", "_name_or_path": "/somewhere", "_use_default_values": ["x"]}
+    assert UNetConfig.from_dict(GOOGLE_CIFAR10 | private) == UNetConfig()
+    assert SchedulerConfig.from_dict(private) == SchedulerConfig.from_dict({})
+
+
+def test_an_absent_sample_size_is_called_absent():
+    without = {k: v for k, v in GOOGLE_CIFAR10.items() if k != "sample_size"}
+    with pytest.raises(CheckpointError) as e:
+        UNetConfig.from_dict(without)
+    assert str(e.value).startswith("the config has no 'sample_size'; this service needs the image size")
+    assert "None" not in str(e.value)
+
+
+def test_cosine_is_diffusers_squaredcos_cap_v2():
+    cosine = SchedulerConfig(beta_schedule="cosine")
+    assert cosine == SchedulerConfig(beta_schedule="squaredcos_cap_v2")
+    assert cosine.to_dict()["beta_schedule"] == "squaredcos_cap_v2"
+    old_file = cosine.to_dict() | {"beta_schedule": "cosine"}  # as this service wrote them before
+    assert SchedulerConfig.from_dict(old_file) == cosine
+    theirs = DDPMScheduler.from_config(cosine.to_dict())
+    ours = schedule_from(cosine).betas.numpy()
+    np.testing.assert_allclose(ours, theirs.betas.numpy(), rtol=1e-6, atol=0)
+    # the same cap, max_beta 0.999 (diffusers' betas are float32, ours float64)
+    assert ours.max() == 0.999 and theirs.betas.max().item() == pytest.approx(0.999, rel=1e-7)

@@ -138,3 +138,24 @@ def test_convert_original_checkpoint_writes_a_loadable_folder(tmp_path, unet, or
         CheckpointError, match=r"model-790000\.ckpt: the original-format weights do not match"
     ):
         convert_original_checkpoint(tmp_path / "model-790000.ckpt", tmp_path / "x", preset="cifar10")
+
+
+def test_diffusers_named_weights_need_no_converting(tmp_path, unet, small_config):
+    preset = Preset("tiny", small_config, SchedulerConfig(variance_type="fixed_small"), "-", "test preset")
+    weights = tmp_path / "ema.pt"
+    torch.save(unet.state_dict(), weights)
+    with pytest.raises(CheckpointError) as e:
+        convert_original_checkpoint(weights, tmp_path / "out", preset=preset)
+    assert str(e.value) == (
+        f"{weights}: these weights have diffusers' key names already (time_embedding.linear_1, "
+        f"down_blocks…) and need no converting; load them as PRESET:WEIGHTS, e.g. --model tiny:{weights}"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_original_weights_saved_through_data_parallel_convert(tmp_path, unet, original, small_config):
+    preset = Preset("tiny", small_config, SchedulerConfig(variance_type="fixed_small"), "-", "test preset")
+    torch.save({f"module.{k}": v for k, v in original.items()}, tmp_path / "model-790000.ckpt")
+    out = convert_original_checkpoint(tmp_path / "model-790000.ckpt", tmp_path / "converted", preset=preset)
+    state = unet.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in load_checkpoint(out).unet.state_dict().items())

@@ -1,5 +1,7 @@
 """Model references: folders, PRESET:WEIGHTS (either key naming), hf:org/name from an offline hub cache."""
 
+import fnmatch
+import itertools
 import json
 import os
 import subprocess
@@ -146,3 +148,81 @@ print(json.dumps(out))
     for ref in ("hf:org/absent", "hf:org/name@v2"):
         assert out[ref].startswith(f"{ref}: cannot fetch from the Hugging Face Hub")
         assert "HF_HUB_OFFLINE" in out[ref] or "offline" in out[ref].lower()
+
+
+class FakeHub:
+    """snapshot_download over a repository whose branches move to the next commit after the first call: each
+    call records (revision, allow_patterns) and copies the matching files of the commit into its snapshot
+    folder, as huggingface_hub does."""
+
+    def __init__(self, cache: Path, commits: dict[str, dict[str, bytes]]):
+        self.cache, self.commits, self.calls = cache, commits, []
+        # each resolution of a branch or tag finds the next commit, then the last one
+        self.main = itertools.chain(commits, itertools.repeat(list(commits)[-1]))
+
+    def __call__(self, repo_id, *, revision=None, allow_patterns=None):
+        self.calls.append((revision, list(allow_patterns)))
+        commit = revision if revision in self.commits else next(self.main)
+        folder = self.cache / "snapshots" / commit
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, content in self.commits[commit].items():
+            if any(fnmatch.fnmatchcase(name, p) for p in allow_patterns):
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                (folder / name).write_bytes(content)
+        return str(folder)
+
+
+def saved_files(folder: Path, unet, weights: str = "diffusion_pytorch_model.safetensors") -> dict[str, bytes]:
+    save_checkpoint(folder, unet, SCHEDULER)
+    files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    files[weights] = files.pop("diffusion_pytorch_model.safetensors")
+    return files
+
+
+def test_download_takes_every_file_from_the_commit_of_its_configs(tmp_path, monkeypatch, random_unet):
+    import huggingface_hub
+
+    first, second = "a" * 40, "b" * 40
+    old, new = random_unet(seed=1), random_unet(seed=2)
+    hub = FakeHub(
+        tmp_path / "hub",
+        {first: saved_files(tmp_path / "old", old), second: saved_files(tmp_path / "new", new)},
+    )
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    ckpt = resolve_model("hf:org/name")
+    assert same_weights(ckpt.unet, old)
+    assert [revision for revision, _ in hub.calls] == [None, first]
+
+
+def test_download_falls_back_to_the_fp16_variant(tmp_path, monkeypatch, random_unet):
+    import huggingface_hub
+
+    unet = random_unet(seed=3).half()
+    files = saved_files(tmp_path / "saved", unet, "diffusion_pytorch_model.fp16.safetensors")
+    pipeline = {f"unet/{n}": files[n] for n in ("config.json", "diffusion_pytorch_model.fp16.safetensors")}
+    pipeline |= {"scheduler/scheduler_config.json": files["scheduler_config.json"], "README.md": b"big"}
+    hub = FakeHub(tmp_path / "hub", {"c" * 40: pipeline})
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    ckpt = resolve_model("hf:org/pipeline@v1")
+    assert {p.dtype for p in ckpt.unet.parameters()} == {torch.float32}
+    assert same_weights(ckpt.unet.half(), unet)
+    assert [patterns for _, patterns in hub.calls][1:] == [
+        ["unet/diffusion_pytorch_model.safetensors"],
+        ["unet/diffusion_pytorch_model.bin"],
+        ["unet/diffusion_pytorch_model.fp16.safetensors"],
+    ]
+    assert not (tmp_path / "hub" / "snapshots" / ("c" * 40) / "README.md").exists()
+
+
+def test_download_of_a_repository_without_weights_names_what_it_has(tmp_path, monkeypatch, random_unet):
+    import huggingface_hub
+
+    files = saved_files(tmp_path / "saved", random_unet())
+    del files["diffusion_pytorch_model.safetensors"]
+    files["diffusion_pytorch_model.safetensors.index.json"] = b"{}"
+    files["diffusion_pytorch_model-00001-of-00002.safetensors"] = b"shard"
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeHub(tmp_path / "hub", {"d" * 40: files}))
+    with pytest.raises(
+        CheckpointError, match=r"found diffusion_pytorch_model\.safetensors\.index\.json: sharded"
+    ):
+        resolve_model("hf:org/sharded")
