@@ -14,8 +14,12 @@ from app.jobs.encoding import npy_bytes
 
 
 def entry_fields(work: Work) -> dict[str, str]:
-    """The queue entry of a job: enough to route it and rebuild its `Work` with `work_from`."""
-    return {"job": work.job_id, "kind": work.kind, "model": work.model, "params": json.dumps(work.params)}
+    """The queue entry of a job: enough to route it and rebuild its `Work` with `work_from` (which checks
+    that the inputs it names are still in the inputs hash)."""
+    fields = {"job": work.job_id, "kind": work.kind, "model": work.model, "params": json.dumps(work.params)}
+    if work.inputs:
+        fields["inputs"] = json.dumps(sorted(work.inputs))
+    return fields
 
 
 def input_blobs(work: Work) -> dict[str, bytes]:
@@ -25,7 +29,12 @@ def input_blobs(work: Work) -> dict[str, bytes]:
 
 
 def work_from(fields: Mapping[bytes, bytes], inputs: Mapping[bytes, bytes]) -> Work:
-    """The `Work` a worker runs, from a queue entry and the job's inputs hash (both as Redis returns them)."""
+    """The `Work` a worker runs, from a queue entry and the job's inputs hash (both as Redis returns them).
+    ValueError when an input the entry names is gone (the hash was deleted): a sample would otherwise
+    start from its seed's noise instead of its client's latents."""
+    named = json.loads(fields.get(b"inputs", b"[]"))  # an entry queued before entries named them: none
+    if missing := [name for name in named if name.encode() not in inputs]:
+        raise ValueError(f"its inputs {', '.join(map(repr, missing))} are gone from Redis")
     return Work(
         job_id=fields[b"job"].decode(),
         kind=fields[b"kind"].decode(),

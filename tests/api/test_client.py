@@ -357,12 +357,21 @@ def test_a_full_queue_is_retried_after_retry_after_then_given_up_or_admitted(mod
         assert (caught.value.status, caught.value.code, caught.value.attempts) == (429, "queue_full", 2)
         assert "already waiting" in str(caught.value) and "after 2 attempts" in str(caught.value)
 
-        # Room appears while the client waits: its retry is admitted.
-        room = threading.Timer(0.5, ddpm.cancel, args=(queued,))
-        room.start()
+        # Room appears while the client waits: its retry is admitted. The room is made from inside the
+        # client's wait, so the first attempt is refused and the retry comes after it, however slow.
         with Client(live.url, retries=5) as patient:
+            waits: list[float | None] = []
+            patient_delay = patient._delay
+
+            def delay_then_make_room(*args) -> float | None:
+                waits.append(patient_delay(*args))
+                if len(waits) == 1:
+                    ddpm.cancel(queued)
+                return waits[-1]
+
+            monkeypatch.setattr(patient, "_delay", delay_then_make_room)
             admitted = patient.sample(1, steps=1)
-        room.join()
+        assert waits == [1.0]  # refused once, waited the Retry-After, then admitted
         assert admitted.status in ("queued", "running")
         for job in (admitted, running):
             ddpm.cancel(job)

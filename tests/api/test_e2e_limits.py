@@ -139,6 +139,28 @@ def test_jobs_expire_and_an_engine_that_stopped_makes_readyz_503(model_dirs):
         assert time.monotonic() - start < 2
 
 
+def test_a_job_the_engine_refuses_fails_and_is_answered_503(model_dirs, monkeypatch):
+    """The engine was alive when checked, then its submit raised: the job is failed, not left queued with
+    no engine to run it (and no runner watching it)."""
+    with live_server(server_settings(model_dirs[:1])) as live, live.client() as client:
+        dispatcher = live.app.state.service.dispatcher
+        refused: list[str] = []
+
+        def refuse(work) -> None:
+            refused.append(work.job_id)
+            raise RuntimeError("the engine stopped between the check and the submit")
+
+        monkeypatch.setattr(dispatcher.pool, "submit", refuse)
+        response = client.post("/sample", json={"steps": 2})
+        assert response.status_code == 503, response.text
+        error = {"code": "engine_unavailable", "message": "the tiny engine is not running; see /readyz"}
+        assert response.json() == {"error": error}
+        [job_id] = refused
+        job = client.get(f"/jobs/{job_id}").json()
+        assert job["status"] == "failed" and job["error"] == error
+        assert dispatcher.runner._lookup(job_id) is None  # forgotten by the runner
+
+
 def test_a_job_queued_longer_than_the_ttl_is_kept_and_runs(model_dirs):
     """The TTL counts from a job's end: one waiting behind long jobs is still there when its turn comes."""
     settings = server_settings(model_dirs[:1], max_batch=1, job_ttl_seconds=1)

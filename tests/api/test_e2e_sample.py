@@ -328,11 +328,17 @@ def test_stream_sends_progress_then_done_with_the_final_job(client):
     assert events[-1].data["result"]["grid_url"] == f"/jobs/{job['id']}/grid.png"
 
 
-def test_a_late_subscriber_gets_the_whole_replay_at_once(client):
+def test_a_late_subscriber_gets_the_whole_replay_at_once(live, client, monkeypatch):
+    """A job that has ended streams its events and closes: nothing waits for a live event or a heartbeat
+    tick. With the heartbeat an hour away, a stream that waited would send a comment or stay open, and
+    the read timeout (a hang guard, far above any replay) ends the test."""
     job = client.post("/sample", params={"wait": "true"}, json={"n": 1, "steps": 4, "stream_every": 1}).json()
-    start = time.monotonic()
-    events = stream(client, job["id"])
-    assert time.monotonic() - start < 2
+    monkeypatch.setattr(live.app.state.settings, "heartbeat_seconds", 3600.0)
+    comments: list[str] = []
+    with live.client() as reader:
+        reader.timeout = httpx.Timeout(60, read=30)
+        events = stream(reader, job["id"], comments=comments)
+    assert comments == []
     assert [e.event for e in events] == ["progress"] * 4 + ["done"]
     assert [e.data["step"] for e in events[:4]] == [1, 2, 3, 4]
 
@@ -509,6 +515,19 @@ def test_unknown_routes_and_methods_keep_the_error_shape(client):
     error_of(client.put("/sample", json={}), 405)
 
 
+def test_a_bug_in_a_route_is_a_500_in_the_error_shape_without_its_details(live, client, monkeypatch):
+    async def broken(*args, **kwargs):
+        raise RuntimeError("a secret detail of the bug")
+
+    monkeypatch.setattr(live.app.state.service.store, "get", broken)
+    response = client.get("/jobs/anything")
+    assert response.status_code == 500 and response.headers["content-type"] == "application/json"
+    message = "internal server error; the server log has the details"
+    assert response.json() == {"error": {"code": "internal", "message": message}}
+    for leak in ("Traceback", "RuntimeError", "secret", "File "):
+        assert leak not in response.text
+
+
 # Models, health, metrics, docs
 
 
@@ -537,16 +556,45 @@ def test_health_and_readiness(client):
     assert ready.status_code == 200 and ready.json()["models"] == ["tiny", "tiny2"]
 
 
-def test_metrics_expose_requests_jobs_and_engine(client):
-    client.post("/sample", params={"wait": "true"}, json={"n": 1, "steps": 2})
-    text = client.get("/metrics").text
-    labels = {"route": "/sample", "method": "POST", "status": "200"}
-    assert metric(text, "ddpm_http_request_duration_seconds_count", **labels) >= 1
-    assert metric(text, "ddpm_jobs_total", kind="sample", outcome="succeeded") >= 1
-    assert metric(text, "ddpm_images_total", model="tiny") >= 1
-    assert metric(text, "ddpm_engine_forwards_total", model="tiny") >= 2
+def test_metrics_expose_requests_jobs_and_engine(live, client):
+    """The registry is the process's, shared with every earlier test: exact increases over one request,
+    once nothing else runs."""
+    dispatcher = live.app.state.service.dispatcher
+    deadline = time.monotonic() + 60
+    while any(e.running or e.queued for e in dispatcher.pool.engines.values()) or dispatcher.runner._tails:
+        assert time.monotonic() < deadline, "an earlier test's job is still running"
+        time.sleep(0.02)
+    samples = [
+        ("ddpm_http_request_duration_seconds_count", {"route": "/sample", "method": "POST", "status": "200"}),
+        ("ddpm_jobs_total", {"kind": "sample", "outcome": "succeeded"}),
+        ("ddpm_jobs_total", {"kind": "sample", "outcome": "failed"}),
+        ("ddpm_jobs_total", {"kind": "sample", "outcome": "cancelled"}),
+        ("ddpm_images_total", {"model": "tiny"}),
+        ("ddpm_engine_forwards_total", {"model": "tiny"}),
+        ("ddpm_engine_batch_size_count", {"model": "tiny"}),
+        ("ddpm_engine_batch_size_sum", {"model": "tiny"}),
+        ("ddpm_engine_step_seconds_count", {"model": "tiny"}),
+        ("ddpm_queue_wait_seconds_count", {"kind": "sample"}),
+        ("ddpm_job_duration_seconds_count", {"kind": "sample"}),
+    ]
+
+    def read() -> tuple[str, list[float]]:
+        text = client.get("/metrics").text
+        return text, [metric(text, name, **labels) for name, labels in samples]
+
+    _, before = read()
+    job = client.post("/sample", params={"wait": "true"}, json={"n": 2, "steps": 3, "stream_every": 0})
+    assert job.status_code == 200 and job.json()["status"] == "succeeded", job.text
+    # The request's own latency is observed once its answer has been sent: read until it is there.
+    text, after = read()
+    while after[0] == before[0]:
+        assert time.monotonic() < deadline, "the POST was never observed"
+        time.sleep(0.02)
+        text, after = read()
+    increase = [round(a - b, 6) for a, b in zip(after, before, strict=True)]
+    # one request; one job, succeeded; its 2 images; 3 steps, each one forward of both rows
+    assert increase == [1, 1, 0, 0, 2, 3, 3, 6, 3, 1, 1], list(zip(samples, increase, strict=True))
     assert metric(text, "ddpm_model_load_seconds", model="tiny") > 0
-    assert "ddpm_queue_wait_seconds_bucket" in text and "ddpm_engine_batch_size_bucket" in text
     assert metric(text, "ddpm_process_resident_memory_bytes") > 0
 
 

@@ -94,3 +94,18 @@ def test_while_redis_is_unreachable_models_and_new_jobs_get_503s_naming_it():
         ready = client.get("/readyz")
         assert ready.status_code == 503 and shown in ready.json()["error"]["message"]
         assert "s3cret" not in ready.text
+
+
+def test_before_any_worker_started_new_jobs_are_503_not_ready_and_readyz_says_why(redis_server):
+    redis_server.client().delete(KEYS.models)  # no worker has ever published a model
+    with live_server(settings(redis_server.url)) as live, live.client() as client:
+        refused = client.post("/sample", json={"steps": 2})
+        assert refused.status_code == 503, refused.text
+        message = "no model is available yet: no worker has started"
+        assert refused.json() == {"error": {"code": "not_ready", "message": message}}
+        assert refused.headers["Retry-After"] == "5"
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        message = "no worker has a live heartbeat: start ddpm-worker (see docs/distributed.md)"
+        assert ready.json() == {"error": {"code": "not_ready", "message": message}}
+        assert redis_server.client().keys("ddpm:job:*") == []  # nothing was queued

@@ -29,10 +29,11 @@ async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[
     """A factory of fresh stores with a given TTL, closed at the end of the test."""
     stores: list[JobStore] = []
 
-    def make(ttl_seconds: float = 60.0) -> JobStore:
+    def make(ttl_seconds: float = 60.0, *, clock: Callable[[], float] | None = None) -> JobStore:
+        """`clock`: the memory store's (Redis keeps its own time)."""
         store: JobStore
         if request.param == "memory":
-            store = MemoryJobStore(ttl_seconds=ttl_seconds)
+            store = MemoryJobStore(ttl_seconds=ttl_seconds, **({"clock": clock} if clock else {}))
         else:
             from app.jobs.redis_store import RedisJobStore
 

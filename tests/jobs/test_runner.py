@@ -243,3 +243,41 @@ async def test_a_preview_that_cannot_be_encoded_fails_the_job_stops_it_and_nothi
     assert job.status is Status.FAILED and job.step == 1
     assert stopped == [("e1", "tiny")] and failed._value.get() == before + 1
     assert not runner.ending("e1") and len(runner._broken) == 0
+
+
+async def test_images_that_cannot_be_encoded_fail_the_job_and_count_as_failed(monkeypatch):
+    import app.jobs.runner as runner_module
+
+    def broken(images, **kwargs):
+        raise MemoryError("out of memory encoding a PNG")
+
+    monkeypatch.setattr(runner_module, "result_blobs", broken)
+    store = MemoryJobStore(ttl_seconds=60)
+    runner = await start(store, "e2")
+    stopped: list[tuple[str, str]] = []
+    runner.stop_job = lambda job_id, model: stopped.append((job_id, model))
+    outcomes = {o: metrics.JOBS.labels(kind="sample", outcome=o) for o in ("failed", "succeeded")}
+    before = {o: counter._value.get() for o, counter in outcomes.items()}
+    images = metrics.IMAGES.labels(model="tiny")
+    images_before = images._value.get()
+
+    def engine() -> None:
+        runner.on_started("e2", 2)
+        runner.on_progress("e2", 1, 2, 1, None, None)
+        runner.on_finished("e2", frames(2, 0.0), {})
+
+    await on_engine_thread(engine)
+    events = await finish(store, runner, "e2")
+    error = {
+        "code": "encoding_failed",
+        "message": "could not encode the job's images: out of memory encoding a PNG",
+    }
+    assert [(e.type, e.data) for e in events] == [(EventType.ERROR, error)]
+    job = await store.get("e2", owner=None)
+    assert job.status is Status.FAILED and job.error == error and job.result is None
+    assert job.finished_at is not None
+    assert await store.get_result("e2", "0.png") is None and await store.get_result("e2", "grid.png") is None
+    after = {o: counter._value.get() for o, counter in outcomes.items()}
+    assert after == {"failed": before["failed"] + 1, "succeeded": before["succeeded"]}
+    assert images._value.get() == images_before  # no images were produced
+    assert stopped == [] and not runner.ending("e2")  # the engine had ended it: nothing to stop

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from app.jobs import EventType, InvalidTransition, JobEnded, JobNotFound, JobRecord, Status
+from app.jobs import EventType, InvalidTransition, JobEnded, JobNotFound, JobRecord, MemoryJobStore, Status
 
 pytestmark = pytest.mark.anyio
 
@@ -156,35 +156,71 @@ async def test_jobs_expire_with_their_events_and_results_after_they_end(make_sto
         await store.update(job.id, status=Status.RUNNING)
 
 
+class Elapse:
+    """Time passing for a store's expiry, without sleeping (a sleep a few tenths of a second short of the
+    TTL is a race on a busy machine): the memory store's clock moves on; in Redis, each of the job's keys
+    that has a TTL loses that much of it (PEXPIRE to what would be left, deleted at 0), as the clock
+    would have taken it, and a key without one (PTTL -1) keeps none."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:  # the memory store's clock
+        return self.now
+
+    async def by(self, store, job_id: str, seconds: float) -> None:
+        self.now += seconds
+        if isinstance(store, MemoryJobStore):
+            return
+        for key in store.keys.job_keys(job_id):
+            left = await store.redis.pttl(key)
+            if left < 0:  # -1: kept for good; -2: no such key
+                continue
+            if left <= seconds * 1000:
+                await store.redis.delete(key)
+            else:
+                await store.redis.pexpire(key, left - round(seconds * 1000))
+
+
+TTL = 60.0  # long against the test's own run time: only Elapse moves a job towards its expiry
+
+
 @pytest.mark.parametrize("status", [Status.QUEUED, Status.RUNNING])
 async def test_a_job_that_has_not_ended_is_kept_however_long_it_waits(make_store, status):
     """A job waiting behind long ones outlives the TTL: its client must still find it (and its worker
     still record its end) when its turn comes."""
-    store = make_store(ttl_seconds=0.3)
+    elapse = Elapse()
+    store = make_store(ttl_seconds=TTL, clock=elapse)
     job = new_job()
     await store.create(job)
     await store.put_result(job.id, "input", b"x")
     if status is Status.RUNNING:
         await store.update(job.id, status=status)
-    await asyncio.sleep(0.5)
+    await elapse.by(store, job.id, 10 * TTL)
     assert (await store.get(job.id, owner=None)).status is status
     assert await store.get_result(job.id, "input") == b"x"
     await store.update(job.id, status=Status.CANCELLED)  # the TTL starts at the end
-    await asyncio.sleep(0.2)
+    await elapse.by(store, job.id, 0.9 * TTL)
     assert (await store.get(job.id, owner=None)).status is Status.CANCELLED
-    await asyncio.sleep(0.25)
+    assert await store.get_result(job.id, "input") == b"x"
+    await elapse.by(store, job.id, 0.2 * TTL)
     assert await store.get(job.id, owner=None) is None
+    assert await store.get_result(job.id, "input") is None
 
 
 async def test_a_change_postpones_expiry(make_store):
-    store = make_store(ttl_seconds=0.4)
+    elapse = Elapse()
+    store = make_store(ttl_seconds=TTL, clock=elapse)
     job = new_job()
     await store.create(job)
     await store.update(job.id, status=Status.FAILED)
-    await asyncio.sleep(0.25)
+    await elapse.by(store, job.id, 0.6 * TTL)
     await store.append_event(job.id, EventType.ERROR, {"code": "x", "message": "y"})
-    await asyncio.sleep(0.25)  # 0.5 s after the end, 0.25 s after the last change
+    await elapse.by(store, job.id, 0.6 * TTL)  # past the TTL since the end, not since the last change
     assert (await store.get(job.id, owner=None)).status is Status.FAILED
+    assert [e.type for e in await collect(store, job.id)] == [EventType.ERROR]
+    await elapse.by(store, job.id, 0.5 * TTL)  # and past it since the change too
+    assert await store.get(job.id, owner=None) is None
 
 
 async def test_a_follower_of_a_job_that_expires_stops(make_store):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import threading
 import time
 from collections.abc import AsyncIterator
 
+import numpy as np
 import pytest
 import redis
 import torch
@@ -98,6 +100,43 @@ async def test_a_running_job_is_cancelled_within_a_step_and_a_cancelled_queued_o
     dispatcher, r, redis_server
 ):
     worker = Worker(settings(redis_server), {"tiny": tiny_checkpoint(timesteps=50)}, r, name="w")
+    engine = worker.pool.engines["tiny"]
+    submitted: list[str] = []
+    submit_to_engine = worker.pool.submit
+
+    def submit_spy(work: Work) -> None:
+        submitted.append(work.job_id)
+        submit_to_engine(work)
+
+    worker.pool.submit = submit_spy
+    # How many steps run between the cancel and its end is the poll interval over the step time, which
+    # depends on the machine: once the cancel was asked, the engine takes no step past the one under way
+    # until the worker has passed the cancel on (pool.cancel). Then at most one more step may run.
+    asked, passed_on = threading.Event(), threading.Event()
+    cancel_in_engine = worker.pool.cancel
+
+    def cancel(job_id: str, model: str) -> bool:
+        known = cancel_in_engine(job_id, model)
+        passed_on.set()
+        return known
+
+    worker.pool.cancel = cancel
+
+    class Gated:
+        def __init__(self, forward):
+            self.forward = forward
+
+        def __getattr__(self, name):
+            return getattr(self.forward, name)
+
+        def __call__(self, x, t):
+            if asked.is_set():
+                passed_on.wait(20)  # no more: the job would then run on until its end, and that fails
+            return self.forward(x, t)
+
+    engine.forward = Gated(engine.forward)
+    duplicates = metrics.DUPLICATE_ENDS.labels(model="tiny")
+    duplicates_before = duplicates._value.get()
     thread = threading.Thread(target=worker.run)
     thread.start()
     try:
@@ -108,16 +147,27 @@ async def test_a_running_job_is_cancelled_within_a_step_and_a_cancelled_queued_o
             assert time.monotonic() < deadline
             await asyncio.sleep(0.01)
         await dispatcher.cancel(queued)
-        asked = time.monotonic()
+        deadline = time.monotonic() + 30  # a hang guard, not a speed limit: the gate bounds the steps
+        asked.set()
+        step_when_asked = engine.forwards  # one forward per step of its only job
         await dispatcher.cancel(running)
         while status(r, running.id) != "cancelled":
-            assert time.monotonic() - asked < 2, status(r, running.id)
+            assert time.monotonic() < deadline, status(r, running.id)
             await asyncio.sleep(0.01)
-        assert int(r.hget(KEYS.job(running.id), "step")) < 50
-        await asyncio.sleep(0.5)  # the worker has free rows again: it would have started the queued one
+        assert passed_on.is_set()
+        # the step under way when the cancel was asked, and the one the gate held
+        assert int(r.hget(KEYS.job(running.id), "step")) <= step_when_asked + 2 < 50
+        # The worker has free rows again: had the queued job's entry still been there, it would take it.
+        while r.xlen(KEYS.queue("tiny")) or r.xpending(KEYS.queue("tiny"), GROUP)["pending"]:
+            assert time.monotonic() < deadline, "the queue was not emptied"
+            await asyncio.sleep(0.01)
+        while worker.free_rows() != 8:
+            assert time.monotonic() < deadline, "the cancelled job's rows were not freed"
+            await asyncio.sleep(0.01)
+        assert submitted == [running.id]  # the cancelled queued job never reached the engine
+        assert duplicates._value.get() == duplicates_before  # nor was it run, then refused, here
         assert status(r, queued.id) == "cancelled" and r.hget(KEYS.job(queued.id), "started_at") == b"null"
         assert final_events(r, running.id) == [b"done"] and final_events(r, queued.id) == [b"done"]
-        assert r.xlen(KEYS.queue("tiny")) == 0 and r.xpending(KEYS.queue("tiny"), GROUP)["pending"] == 0
     finally:
         worker.stop()
         thread.join(30)
@@ -262,6 +312,49 @@ async def test_a_preview_that_fails_for_a_job_handed_back_leaves_it_to_its_next_
     assert len(rl._broken) == 0
 
 
+async def test_a_worker_that_lost_its_claim_to_a_takeover_stops_the_job_and_records_nothing(
+    dispatcher, r, redis_server, monkeypatch
+):
+    """It stalled past the reclaim time and another worker took the entry over: at its next heartbeat it
+    stops its copy of the job, whose engine end (a cancellation) is then neither recorded (the job is
+    the new owner's) nor acknowledged (the entry is the new owner's). Without this, the job would end
+    here as `cancelled` or run on to a duplicate end."""
+    job = await submit(dispatcher)
+    worker = Worker(settings(redis_server), {"tiny": tiny_checkpoint(timesteps=50)}, r, name="w")
+    submitted: list[str] = []
+    cancelled: list[tuple[str, str]] = []
+    monkeypatch.setattr(worker.pool, "submit", lambda work: submitted.append(work.job_id))
+    monkeypatch.setattr(worker.pool, "cancel", lambda job_id, model: cancelled.append((job_id, model)))
+    [delivery] = worker.queue.read(count=1, block_ms=100)
+    worker._start_all([delivery])
+    assert submitted == [job.id] and worker.free_rows() == 7
+    worker.listener.on_started(job.id, 50)  # its engine started it; then the worker stalled
+    queue = KEYS.queue("tiny")
+    r.xclaim(queue, GROUP, "other", 0, [delivery.entry_id])  # taken over while it stalled
+    worker._keep_claims()  # its next heartbeat
+
+    assert cancelled == [(job.id, "tiny")]  # its engine is told to stop the job
+    assert worker._entries() == {}  # no longer renewed: the claim is the other worker's
+    duplicates = metrics.DUPLICATE_ENDS.labels(model="tiny")
+    ended_before = {
+        outcome: metrics.JOBS.labels(kind="sample", outcome=outcome)._value.get()
+        for outcome in ("succeeded", "failed", "cancelled")
+    }
+    duplicates_before = duplicates._value.get()
+    worker.listener.on_cancelled(job.id)  # the engine's answer to that cancel
+    worker.listener.close(time.monotonic() + 10)  # every write it posted is done
+
+    assert status(r, job.id) == "running" and final_events(r, job.id) == []  # nothing recorded
+    assert r.hget(KEYS.job(job.id), "finished_at") == b"null"
+    ended_after = {
+        outcome: metrics.JOBS.labels(kind="sample", outcome=outcome)._value.get() for outcome in ended_before
+    }
+    assert ended_after == ended_before and duplicates._value.get() == duplicates_before
+    owners = [(p["message_id"].decode(), p["consumer"]) for p in r.xpending_range(queue, GROUP, "-", "+", 10)]
+    assert owners == [(delivery.entry_id, b"other")] and r.xlen(queue) == 1  # not acknowledged here
+    assert worker._claims == {} and worker.free_rows() == 8  # its rows are free for other jobs
+
+
 async def test_a_job_whose_workers_keep_dying_fails_into_the_dead_letter_stream(dispatcher, r, redis_server):
     job = await submit(dispatcher)
     queue = KEYS.queue("tiny")
@@ -280,6 +373,77 @@ async def test_a_job_whose_workers_keep_dying_fails_into_the_dead_letter_stream(
     assert letter[b"job"].decode() == job.id and letter[b"deliveries"] == b"2"
     assert r.xlen(queue) == 0 and r.xpending(queue, GROUP)["pending"] == 0
     assert metrics.DEAD_LETTERS.labels(model="tiny")._value.get() == dead_before + 1
+
+
+async def queue_work(dispatcher: RedisDispatcher, kind: str, params: dict, inputs: dict) -> JobRecord:
+    job = JobRecord(id=f"job{time.monotonic_ns()}", kind=kind, model="tiny", params=params, steps=50)
+    await dispatcher.submit(job, Work(job.id, kind, "tiny", {**params, "stream_every": 0}, inputs))
+    return job
+
+
+def assert_failed_as_invalid(r: redis.Redis, job_id: str, reason: str) -> None:
+    """Failed, with `invalid_job` naming `reason`; its entry acknowledged, nothing dead-lettered."""
+    assert status(r, job_id) == "failed" and final_events(r, job_id) == [b"error"]
+    error = json.loads(r.hget(KEYS.job(job_id), "error"))
+    assert error["code"] == "invalid_job", error
+    assert error["message"].startswith("the queued job could not be read: ") and reason in error["message"]
+    queue = KEYS.queue("tiny")
+    assert r.xlen(queue) == 0 and r.xpending(queue, GROUP)["pending"] == 0
+    assert r.xlen(KEYS.dead_letter("tiny")) == 0
+
+
+async def test_a_queue_entry_whose_params_cannot_be_decoded_fails_its_job_as_invalid(
+    dispatcher, r, redis_server, monkeypatch
+):
+    job = await submit(dispatcher)
+    worker = Worker(settings(redis_server), {"tiny": tiny_checkpoint(timesteps=50)}, r, name="w")
+    submitted: list[str] = []
+    monkeypatch.setattr(worker.pool, "submit", lambda work: submitted.append(work.job_id))
+    [delivery] = worker.queue.read(count=1, block_ms=100)
+    garbled = dataclasses.replace(delivery, fields={**delivery.fields, b"params": b'{"n": 1, "steps'})
+    worker._start_all([garbled])
+    assert_failed_as_invalid(r, job.id, "Unterminated string")
+    assert submitted == [] and worker._claims == {} and worker.free_rows() == 8
+
+
+@pytest.mark.parametrize(
+    ("kind", "params", "name"),
+    [
+        ("likelihood", {"seed": 1, "curve": False}, "images"),
+        (
+            "sample",
+            {
+                "n": 1,
+                "steps": 5,
+                "sampler": "ddim",
+                "eta": 0.0,
+                "variance": "beta",
+                "clip_denoised": False,
+                "seed": 1,
+            },
+            "latents",
+        ),
+    ],
+)
+async def test_a_queued_job_whose_inputs_are_gone_fails_as_invalid_rather_than_running_without_them(
+    dispatcher, r, redis_server, monkeypatch, kind, params, name
+):
+    """The inputs hash lost while the job waited (deleted by hand, or Redis restarted without it): a
+    likelihood has no images to score, and a sample would start from noise its seed drew instead of
+    the latents its client sent."""
+    array = np.zeros((1, 1, 8, 8), np.float32)
+    job = await queue_work(dispatcher, kind, params, {name: array})
+    r.delete(KEYS.inputs(job.id))
+    worker = Worker(settings(redis_server), {"tiny": tiny_checkpoint(timesteps=50)}, r, name="w")
+    submitted: list[str] = []
+    monkeypatch.setattr(worker.pool, "submit", lambda work: submitted.append(work.job_id))
+    worker._start_all(worker.queue.read(count=1, block_ms=100))
+    assert_failed_as_invalid(r, job.id, repr(name))
+    assert submitted == [] and worker._claims == {}
+    kept = await queue_work(dispatcher, kind, params, {name: array + 0.5})  # its inputs still there
+    worker._start_all(worker.queue.read(count=1, block_ms=100))
+    assert submitted == [kept.id] and status(r, kept.id) == "queued"
+    np.testing.assert_array_equal(worker._claims[kept.id].work.inputs[name], array + 0.5)
 
 
 async def test_queue_positions_and_the_full_queue_in_redis(dispatcher, r):
