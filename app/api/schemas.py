@@ -345,7 +345,9 @@ class ModelInfo(BaseModel):
     max_steps: int = Field(
         description="the most steps a request may run on it, and the largest t (T, or DDPM_MAX_STEPS if less)"
     )
-    beta_schedule: str
+    beta_schedule: str = Field(
+        description="linear, scaled_linear, cosine (squaredcos_cap_v2 in diffusers' configs) or trained"
+    )
     variance: Literal["beta", "posterior"] = Field(description="the checkpoint's default DDPM σ²")
     parameters: int
     source: str = Field(description="where it was loaded from")

@@ -194,13 +194,14 @@ class BaseClient:
         )
 
     def _bad_response(self, response: httpx.Response, error: Exception) -> DDPMError:
-        """A 2xx answer the client cannot read as the API's: another server at that URL, or a proxy's page."""
+        """A 2xx answer the client cannot read as the API's: another server at that URL, a proxy's page, or a
+        server of another version (the error it raised is named, so a fault of the client's shows too)."""
         kind = response.headers.get("Content-Type", "no Content-Type")
         return DDPMError(
             response.status_code,
             "bad_response",
-            f"the answer of {response.request.url} is not ddpm-serve's ({kind}; {type(error).__name__}: "
-            f"{error}); is {self.url} a ddpm-serve server?",
+            f"could not read the answer of {response.request.url} ({kind}; {type(error).__name__}: {error}); "
+            f"is {self.url} a ddpm-serve server, of a version this client knows?",
         )
 
     def _check_stream(self, response: httpx.Response) -> None:

@@ -108,6 +108,8 @@ def tensorflow_checkpoint(path: str | os.PathLike[str]) -> Path | None:
     """The TensorFlow checkpoint file `path` is (model.ckpt-N.index, .meta or .data-…-of-…) or names by
     its prefix (model.ckpt-N, with model.ckpt-N.index beside it), None otherwise."""
     path = Path(path)
+    if not path.name:  # "." or "/": a folder, never a checkpoint's prefix (and with_name would raise)
+        return None
     if _TF_CHECKPOINT.fullmatch(path.name) and path.is_file():
         return path
     index = path.with_name(path.name + ".index")

@@ -150,7 +150,7 @@ def test_a_url_that_is_not_ddpm_serve_exits_with_a_clear_message(tmp_path):
     ):
         main(["remote", "sample", "--url", url, "--out", str(tmp_path / "x.png")])
     said = str(exit_.value.code)
-    assert f"is {url} a ddpm-serve server? (HTTP 200 bad_response)" in said
+    assert f"is {url} a ddpm-serve server, of a version this client knows? (HTTP 200 bad_response)" in said
 
 
 def _interrupt_or_fail(monkeypatch, error: BaseException) -> list[str]:

@@ -295,7 +295,7 @@ def test_an_answer_that_is_not_the_apis_is_a_bad_response(answer, call, fragment
         call(ddpm)
     assert (caught.value.status, caught.value.code) == (200, "bad_response")
     assert f"the answer of {url}/" in caught.value.message and fragment in caught.value.message
-    assert f"is {url} a ddpm-serve server?" in caught.value.message
+    assert f"is {url} a ddpm-serve server, of a version this client knows?" in caught.value.message
 
 
 def test_the_async_client_reads_redirects_and_foreign_answers_alike():

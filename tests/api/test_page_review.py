@@ -512,9 +512,23 @@ def test_after_the_stream_is_lost_cancel_still_ends_the_job_and_says_how(page):
     page.route("**/stream/**", lambda route: route.abort("connectionrefused"))
     page.clock.install()  # the page's back-off between tries, skipped below
     panel = page.locator("#sample")
-    panel.locator("[name=n]").fill("1")
-    panel.locator("[name=steps]").fill("1000")  # tiny: seconds of work, still running when the page gives up
+    # 16 images of 1000 steps on tiny: several seconds of work, still running when the page gives up (in
+    # well under a second: its back-off is skipped)
+    panel.locator("[name=n]").fill("16")
+    panel.locator("[name=steps]").fill("1000")
     panel.get_by_role("button", name="Sample").click()
+    give_up(page, panel)
+    expect(panel.locator(".status")).not_to_contain_text("reconnecting")  # it no longer is
+    cancel = panel.get_by_role("button", name="Cancel")
+    expect(cancel).to_be_enabled()  # the only way left to stop the job the page started
+    cancel.click()
+    expect(panel.locator(".status")).to_contain_text("cancelled at step")
+    expect(panel.locator(".error")).to_be_hidden()
+    expect(cancel).to_be_disabled()
+
+
+def give_up(page: Page, panel) -> None:
+    """Runs the page's clock (installed) on until it gives up reconnecting to a refused stream."""
     error = panel.locator(".error")
     for _ in range(60):
         if error.is_visible():
@@ -523,12 +537,36 @@ def test_after_the_stream_is_lost_cancel_still_ends_the_job_and_says_how(page):
         page.wait_for_timeout(20)
     expect(error).to_contain_text("lost the progress stream")
     expect(error).to_contain_text("the job may still be running")
+
+
+def test_a_lost_jobs_cancel_does_not_outlive_the_next_submit(page):
+    page.route("**/stream/**", lambda route: route.abort("connectionrefused"))
+    page.clock.install()
+    panel = page.locator("#sample")
+    panel.locator("[name=n]").fill("15")  # of the server's 16 rows: the next job need not wait for it
+    panel.locator("[name=steps]").fill("1000")
+    panel.get_by_role("button", name="Sample").click()
+    give_up(page, panel)
     cancel = panel.get_by_role("button", name="Cancel")
-    expect(cancel).to_be_enabled()  # the only way left to stop the job the page started
-    cancel.click()
-    expect(panel.locator(".status")).to_contain_text("cancelled at step")
-    expect(error).to_be_hidden()
+    expect(cancel).to_be_enabled()
+    # The next job's POST is held: while it is unanswered, Cancel must not stay armed for the lost job
+    # (a click would have cancelled that one, not the job the user just asked for).
+    page.unroute("**/stream/**")
+    held: list[Route] = []
+    page.route("**/sample", lambda route: held.append(route))
+    panel.locator("[name=n]").fill("1")
+    panel.locator("[name=steps]").fill("3")
+    panel.get_by_role("button", name="Sample").click()
+    for _ in range(100):
+        if held:
+            break
+        page.wait_for_timeout(20)
+    assert held, "the page did not POST the second job"
     expect(cancel).to_be_disabled()
+    held[0].continue_()
+    page.unroute("**/sample")
+    page.clock.run_for(5_000)
+    expect(panel.locator(".results img")).to_have_count(1)
 
 
 def test_a_server_step_limit_sets_the_forms_defaults_and_they_are_accepted(browser, model_dirs):

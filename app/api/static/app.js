@@ -365,8 +365,9 @@ function jobPanel(panel, { path, body, columns, done = () => {} }) {
   const form = $("form", panel);
   const submit = $("button[type=submit]", form);
   const cancel = $(".cancel", form);
+  // The job of the last submit: {id, following (its stream is being read: it says how the job ends),
+  // answer (what DELETE said of it)}; a Cancel click acts on the job it was shown for, not on a later one.
   let current = null;
-  let following = false; // the stream of `current` is being read: it says how the job ends
   // The Cancel button is disabled once it has done its work, which drops the keyboard focus on it to the
   // page's start; it goes to the (again enabled) submit button instead.
   let refocus = false;
@@ -374,23 +375,32 @@ function jobPanel(panel, { path, body, columns, done = () => {} }) {
     refocus ||= document.activeElement === cancel;
     cancel.disabled = true;
   };
+  // The job as DELETE left it, shown where no stream will say how it ended (the stream was lost).
+  const ended = async (job) => {
+    view.lost = null;
+    view.error.hidden = true;
+    await view.finish(job, columns);
+    if (job.status === "succeeded") done(job);
+  };
   cancel.addEventListener("click", async () => {
+    const run = current;
+    if (!run) return;
     disableCancel();
     try {
-      const job = await getJSON(`/jobs/${current}`, { method: "DELETE" });
-      if (following) return;
-      // Its stream was lost: the answer (the job as it ended, even if it ended otherwise) is all there is.
-      view.error.hidden = true;
-      await view.finish(job, columns);
-      if (job.status === "succeeded") done(job);
+      run.answer = await getJSON(`/jobs/${run.id}`, { method: "DELETE" });
+      if (run === current && !run.following) await ended(run.answer);
     } catch (e) {
+      if (run !== current) return; // another job is shown now
       view.fail(e);
+      if (!run.following) cancel.disabled = false; // nothing else can stop it: let the user try again
     }
   });
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     let stopWatching = () => {};
     let lost = false; // the stream was lost with the job perhaps running: Cancel stays for it
+    current = null; // a Cancel still enabled for an earlier job whose stream was lost no longer applies
+    disableCancel();
     view.start();
     submit.disabled = true;
     try {
@@ -399,11 +409,10 @@ function jobPanel(panel, { path, body, columns, done = () => {} }) {
       }
       const request = { model: model().name, ...(await body(new FormData(form))) };
       const job = await getJSON(path, { method: "POST", body: request });
-      current = job.id;
+      current = { id: job.id, following: true, answer: null };
       cancel.disabled = false;
       view.queued(job);
       stopWatching = watchQueue(view, job);
-      following = true;
       for await (const message of events(job.urls.stream)) {
         if (["progress", "done", "error"].includes(message.event)) stopWatching(); // the job has moved
         if (message.event === "progress") view.progress(message.data, columns);
@@ -419,14 +428,20 @@ function jobPanel(panel, { path, body, columns, done = () => {} }) {
         }
       }
     } catch (e) {
-      lost = e.code === "stream_lost" && !cancel.disabled;
-      if (!lost) view.status.textContent = "";
+      lost = e.code === "stream_lost" && current !== null;
+      if (lost) {
+        view.lost = null; // no longer reconnecting: the error says what happened
+        view.show();
+      } else view.status.textContent = "";
       view.fail(e);
     } finally {
-      following = false;
+      const run = current;
+      if (run) run.following = false;
       stopWatching();
       submit.disabled = false;
-      if (!lost) disableCancel();
+      if (lost && run.answer) await ended(run.answer); // cancelled while the stream was down: it ended so
+      else if (lost && !run.answer) cancel.disabled = false; // Cancel asked for, or still to be, not lost
+      else disableCancel();
       // Chromium moves the focus off a disabled button only at its next rendering update: until then
       // it is still on Cancel.
       const dropped = [document.body, cancel, null].includes(document.activeElement);
