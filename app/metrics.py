@@ -31,10 +31,16 @@ _JOB_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800
 
 HTTP_REQUEST_SECONDS = Histogram(
     "ddpm_http_request_duration_seconds",
-    "HTTP request latency, by route template, method and status code",
+    "HTTP request latency, by route template, method (GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH or "
+    "other) and status code (499: the client went away before an answer)",
     ["route", "method", "status"],
     buckets=_LATENCY_BUCKETS,
 )
+# The `method` label's values: any other token a client sends (uvicorn accepts any) counts as "other",
+# so that requests, authenticated or not, cannot create series at will.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+# The `status` of a request whose client disconnected before any answer was sent (nginx's code).
+CLIENT_CLOSED_REQUEST = 499
 QUEUE_WAIT_SECONDS = Histogram(
     "ddpm_queue_wait_seconds",
     "Time from a job's creation to its first denoising step, by kind",
@@ -47,7 +53,12 @@ JOB_SECONDS = Histogram(
     ["kind"],
     buckets=_JOB_BUCKETS,
 )
-JOBS = Counter("ddpm_jobs", "Jobs that ended, by kind and outcome", ["kind", "outcome"])
+JOBS = Counter(
+    "ddpm_jobs",
+    "Jobs that ended, by kind and outcome; each counted once, by the process that recorded its end "
+    "(the API, or the worker that ran it)",
+    ["kind", "outcome"],
+)
 IMAGES = Counter("ddpm_images", "Images produced by succeeded jobs, by model", ["model"])
 MODEL_LOAD_SECONDS = Gauge("ddpm_model_load_seconds", "Seconds it took to load each model", ["model"])
 DEVICE_MEMORY_BYTES = Gauge(
@@ -62,13 +73,15 @@ ENGINE_STEP_SECONDS = Histogram(
     "ddpm_engine_step_seconds",
     "Wall time of one engine iteration (one batched U-Net forward and the per-row updates)",
     ["model"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    # A few ms (a small batch on a GPU) to minutes (4096 rows of a large model on a CPU), up to the
+    # default DDPM_ENGINE_STALL_SECONDS (600), past which a step counts as hung.
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
 )
 ENGINE_BATCH_SIZE = Histogram(
     "ddpm_engine_batch_size",
     "Rows in each U-Net forward",
     ["model"],
-    buckets=tuple(2**i for i in range(9)),  # 1, 2, 4, …, 256
+    buckets=tuple(2**i for i in range(13)),  # 1, 2, 4, …, 4096: every DDPM_MAX_BATCH allowed
 )
 ENGINE_SLOTS = Gauge("ddpm_engine_slots", "Image slots by state (running | waiting)", ["model", "state"])
 ENGINE_FORWARDS = Counter("ddpm_engine_forwards", "U-Net forward passes", ["model"])
@@ -95,7 +108,10 @@ def update_device_memory(device: str | None = None) -> None:
 
 # Distributed mode: the queues (refreshed by each worker every heartbeat) and what workers do with them.
 QUEUE_WAITING = Gauge(
-    "ddpm_queue_waiting", "Jobs queued and not yet claimed by any worker, by model", ["model"]
+    "ddpm_queue_waiting",
+    "Jobs queued and not yet claimed by any worker, by model; set by each worker every heartbeat and by "
+    "each API replica every refresh (so it is there with no worker up): take the max over targets",
+    ["model"],
 )
 QUEUE_LAG = Gauge(
     "ddpm_queue_lag",
@@ -116,6 +132,7 @@ DEAD_LETTERS = Counter(
 )
 DUPLICATE_ENDS = Counter(
     "ddpm_worker_duplicate_ends",
-    "Jobs this worker finished that had already ended elsewhere (after a takeover): nothing was stored",
+    "Jobs this worker finished that another worker had already ended as succeeded or failed (after a "
+    "takeover): nothing was stored. A job its client cancelled meanwhile is not one",
     ["model"],
 )

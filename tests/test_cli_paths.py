@@ -112,7 +112,6 @@ def test_convert_recognises_tensorflow_checkpoints(tmp_path, original_weights):
     assert not (tmp_path / "o").exists()
 
 
-
 def test_convert_given_the_current_folder_says_it_is_a_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # "." has no name: the TensorFlow check must not trip on it
     said = _fails(["convert", "--preset", "small", "--out", str(tmp_path / "o"), "--weights", "."])

@@ -83,7 +83,12 @@ class BodyLimitMiddleware:
 
 
 class RequestMetricsMiddleware:
-    """Observes every request's latency by route template (bounded label set), method and status."""
+    """Observes every request's latency by route template (bounded label set), method and status.
+
+    Every label is bounded whatever clients send, as this runs before authentication: a method outside
+    `metrics.HTTP_METHODS` counts as "other". A request that ends with no answer sent and no error (its
+    client went away, e.g. mid-upload) counts as 499, nginx's "client closed request", not as a 500.
+    """
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -92,7 +97,7 @@ class RequestMetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        start, status = time.perf_counter(), 500
+        start, status, failed = time.perf_counter(), None, False
 
         async def send_status(message: Message) -> None:
             nonlocal status
@@ -102,8 +107,14 @@ class RequestMetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_status)
+        except Exception:
+            failed = True
+            raise
         finally:
+            if status is None:
+                status = 500 if failed else metrics.CLIENT_CLOSED_REQUEST
             route = getattr(scope.get("route"), "path", None) or "unmatched"
-            metrics.HTTP_REQUEST_SECONDS.labels(
-                route=route, method=scope["method"], status=str(status)
-            ).observe(time.perf_counter() - start)
+            method = scope["method"] if scope["method"] in metrics.HTTP_METHODS else "other"
+            metrics.HTTP_REQUEST_SECONDS.labels(route=route, method=method, status=str(status)).observe(
+                time.perf_counter() - start
+            )

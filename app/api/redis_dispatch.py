@@ -3,10 +3,12 @@
 The process holds no job state: a job is created and queued by one Lua script (SUBMIT, which also
 refuses when the queues are full), its record, events and results live in Redis (RedisJobStore), and
 any replica can serve any job. What the API knows of the models comes from the `ModelSpec`s workers
-publish. A background task refreshes that, the live workers and the queue positions every
-`REFRESH_SECONDS`; a position may thus lag by that much, except that a job this replica cancels stops
-counting at once. While Redis is away every call raises a redis-py ConnectionError (the model list too,
-from the failed refresh on), which `install_error_handler` turns into a 503 that says so.
+publish. A background task refreshes that, the live workers and the queue positions (and from them
+`ddpm_queue_waiting`, so the queue depth is known with no worker up) every `REFRESH_SECONDS`; a
+position may thus lag by that much, except that a job this replica cancels stops counting at once.
+While Redis is away every call raises a redis-py ConnectionError (the model list too, from the failed
+refresh on), which `install_error_handler` turns into a 503 that says so. An outage is logged once when
+a refresh first fails (WARNING) and once when one succeeds again (INFO); the 503s at most once a minute.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 
 import redis.asyncio
 from fastapi import FastAPI, Request
@@ -22,10 +26,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from app import metrics
 from app.api.dispatch import CancelOutcome, ModelEntry, QueueFull
 from app.api.errors import ApiError, error_response
 from app.engine.work import Work
-from app.jobs import JobRecord
+from app.jobs import JobRecord, Status
 from app.jobs import redis_lua as lua
 from app.jobs.records import utcnow
 from app.jobs.redis_connect import safe_url
@@ -40,6 +45,7 @@ log = logging.getLogger(__name__)
 REFRESH_SECONDS = 0.5
 PING_TIMEOUT_SECONDS = 2.0
 RETRY_AFTER_SECONDS = 5
+LOG_503_EVERY_SECONDS = 60.0  # at most one log line per this long about the 503s Redis causes
 
 
 class RedisDispatcher:
@@ -56,6 +62,7 @@ class RedisDispatcher:
         self._specs: dict[str, ModelSpec] = {}
         self._workers: list[WorkerInfo] = []
         self._unreachable: str | None = None  # why the latest refresh could not read Redis; None if it could
+        self._outage = False  # Redis failed a refresh and none has succeeded since (logged once each way)
         self._positions: dict[str, tuple[str, int]] = {}  # queued job id -> (model, 1-based place)
         self._left: set[str] = set()  # jobs this replica took out of a queue since the last refresh began
         self._refreshing = asyncio.Lock()  # one refresh at a time: an older snapshot never replaces a newer
@@ -95,6 +102,7 @@ class RedisDispatcher:
                 await self.refresh()
         except TimeoutError:
             self._unreachable = f"no answer within {PING_TIMEOUT_SECONDS:g} s"
+            self._outage_began(self._unreachable)
         except RedisError:
             pass  # refresh() noted why
         if self._unreachable is not None:
@@ -113,12 +121,31 @@ class RedisDispatcher:
                 positions = await self._queue_positions(specs)
             except RedisError as e:
                 self._unreachable = redis_reason(e)
+                self._outage_began(self._unreachable)
                 raise
             self._workers, self._specs, self._unreachable = workers, specs, None
+            if self._outage:
+                self._outage = False
+                log.info("Redis at %s answers again", safe_url(self.settings.redis_url or ""))
+            waiting = dict.fromkeys(specs, 0)
+            for model, _ in positions.values():
+                waiting[model] += 1
+            for model, count in waiting.items():
+                metrics.QUEUE_WAITING.labels(model=model).set(count)
             # A job taken out while this snapshot was read may still be in it: leave it out. The next
             # snapshot begins after this one ended, when every job in `_left` has left its queue in Redis.
             self._positions = {job: place for job, place in positions.items() if job not in self._left}
             self._left.clear()
+
+    def _outage_began(self, reason: str) -> None:
+        """Log the first failed refresh of an outage (not every one: they come every REFRESH_SECONDS);
+        the first refresh that succeeds after it logs the recovery."""
+        if not self._outage:
+            self._outage = True
+            log.warning(
+                "%s: requests that need it get 503 until it answers again",
+                unreachable(self.settings.redis_url or "", reason),
+            )
 
     async def _refresh_forever(self) -> None:
         while not self._closing:  # a flag, not only cancellation: redis-py can swallow a cancel mid-command
@@ -126,7 +153,7 @@ class RedisDispatcher:
             try:
                 await self.refresh()
             except RedisError as e:
-                log.debug("refresh failed: %s", e)  # the requests meanwhile get 503s that say why
+                log.debug("refresh failed: %s", e)  # logged once per outage by refresh()
 
     async def _queue_positions(self, specs: dict[str, ModelSpec]) -> dict[str, tuple[str, int]]:
         """Job id -> (model, 1-based place among the jobs still waiting for a worker in its queue)."""
@@ -179,8 +206,9 @@ class RedisDispatcher:
         keys = [*self.keys.job_keys(job.id), self.keys.queue(job.model)]
         args = [lua.ttl_ms(self.store.ttl_seconds), lua.to_json(utcnow())]
         outcome = (await self._cancel(keys=keys, args=args)).decode()
-        if outcome == "cancelled":  # it was queued: its entry is gone
+        if outcome == "cancelled":  # it was queued: ended here and now, its entry gone (no worker counts it)
             self._left_queue(job)
+            metrics.JOBS.labels(kind=job.kind, outcome=str(Status.CANCELLED)).inc()
         return CancelOutcome.NO_RUNNER if outcome == "missing" else CancelOutcome.REQUESTED
 
     def queue_position(self, job: JobRecord) -> int | None:
@@ -203,13 +231,28 @@ def unreachable(url: str, reason: str) -> str:
     return f"Redis is unreachable at {safe_url(url)} ({reason})"
 
 
+_last_503_log = -math.inf  # time.monotonic() of the latest log line about a 503
+
+
 async def _redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    global _last_503_log
     if isinstance(exc, OutOfMemoryError):  # maxmemory-policy noeviction: writes refused, nothing dropped
         code, message = "redis_full", "the job store (Redis) is out of memory; retry when jobs have expired"
     else:
         code = "redis_unavailable"
         url = request.app.state.settings.redis_url or ""
         message = f"{unreachable(url, redis_reason(exc))}; retry in a few seconds"
+    now = time.monotonic()
+    if now - _last_503_log >= LOG_503_EVERY_SECONDS:  # not one line per request during an outage
+        _last_503_log = now
+        log.warning(
+            "answering 503 %s (%s %s): %s; logged at most every %g s",
+            code,
+            request.method,
+            request.url.path,
+            message,
+            LOG_503_EVERY_SECONDS,
+        )
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
     return error_response(ApiError(503, code, message, headers=headers))
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from app import metrics
 from app.api import schemas
 from app.api.dispatch import CancelOutcome, Dispatcher, ModelEntry, QueueFull, Unavailable
 from app.api.errors import ApiError, invalid, not_found
@@ -201,12 +202,15 @@ class JobService:
         return await self.get(job.id, job.owner)
 
     async def _end(self, job_id: str, status: Status, error: dict[str, str] | None = None) -> None:
+        """End a job that nothing else will end. Counted in ddpm_jobs_total only once its final event
+        is written here: a job whose runner or worker ended it first was counted there."""
         with contextlib.suppress(InvalidTransition, JobNotFound, JobEnded):
-            await self.store.update(job_id, status=status, finished_at=utcnow(), error=error)
+            job = await self.store.update(job_id, status=status, finished_at=utcnow(), error=error)
             if error is not None:
                 await self.store.append_event(job_id, EventType.ERROR, error)
             else:
                 await self.store.append_event(job_id, EventType.DONE, {"status": str(status)})
+            metrics.JOBS.labels(kind=job.kind, outcome=str(status)).inc()
 
     @staticmethod
     def require_succeeded(job: JobRecord) -> None:

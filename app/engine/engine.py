@@ -469,6 +469,8 @@ class Engine:
         self._fail(job_id, "job_error", f"{type(error).__name__}: {error}")
 
     def _fail(self, job_id: str, code: str, message: str) -> None:
+        # Not the message: it may quote the job's parameters. The code says what went wrong.
+        log.warning("engine %s: job %s failed: %s", self.name, job_id, code)
         run = self._runs.pop(job_id, None)
         if run is not None:
             self._active = [g for g in self._active if g.job_id != job_id]

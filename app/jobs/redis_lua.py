@@ -130,13 +130,14 @@ return 'ok'
 
 # DELETE from the API. A queued job is cancelled here and now (its queue entry removed, so no worker
 # starts it); a running one gets a `_cancel` mark its worker polls. KEYS[5]: the job's queue.
-# ARGV: ttl_ms, finished_at JSON  ->  'cancelled' | 'requested' | 'missing' | the terminal status.
+# ARGV: ttl_ms, finished_at JSON  ->  'cancelled' (by this call: the caller counts it) | 'requested' |
+# 'missing' | 'ended:<terminal status>' (it had ended already, cancelled or not).
 CANCEL = (
     _PRELUDE
     + r"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'missing' end
 local current = redis.call('HGET', KEYS[1], 'status')
-if TERMINAL[current] then return current end
+if TERMINAL[current] then return 'ended:' .. current end
 if current == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[2])
   local entry = redis.call('HGET', KEYS[1], '_entry')

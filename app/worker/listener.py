@@ -241,11 +241,17 @@ class RedisListener:
                 metrics.JOB_SECONDS.labels(kind=work.kind).observe((finished - started).total_seconds())
             if images:
                 metrics.IMAGES.labels(model=work.model).inc(images)
+        elif outcome == str(Status.CANCELLED):
+            # Its client cancelled it (the API ended it, queued, while this worker was taking it up, or
+            # gave up waiting for its end), or another worker ended it so: counted where it was ended.
+            log.info("job %s: %s here, but it had been cancelled: nothing stored", job_id, status)
         elif outcome != ENDED:
             log.info(
                 "job %s: %s here, but it had already ended (%s): nothing stored", job_id, status, outcome
             )
-            if work is not None:
+            if work is not None and outcome in (str(Status.SUCCEEDED), str(Status.FAILED)):
+                # Another worker's end (a takeover race); "missing" (expired) or a status that has
+                # not ended is no such race, only logged.
                 metrics.DUPLICATE_ENDS.labels(model=work.model).inc()
         try:
             self._retry(lambda: self._on_end(job_id, True))

@@ -23,12 +23,13 @@ from redis.exceptions import RedisError
 from app import metrics
 from app.engine.engine import rows_needed
 from app.engine.pool import EnginePool
+from app.engine.programs import PROGRAMS
 from app.engine.work import Work
 from app.jobs import registry
 from app.jobs.records import EventType, Status, utcnow
 from app.jobs.redis_keys import Keys
 from app.jobs.redis_lua import ttl_ms
-from app.jobs.redis_writer import JobWriter
+from app.jobs.redis_writer import ENDED, JobWriter
 from app.jobs.work_codec import work_from
 from app.nets import Checkpoint
 from app.settings import Settings
@@ -256,9 +257,16 @@ class Worker:
         self._fail(delivery, "worker_lost", message)
 
     def _fail(self, delivery: Delivery, code: str, message: str) -> None:
+        """End the job of an entry no engine will run as failed; counted here, where its end is written."""
         error = {"code": code, "message": message}
         fields = {"finished_at": utcnow(), "error": error}
-        self.writer.end(delivery.job_id, Status.FAILED, (EventType.ERROR, error), fields)
+        # Not the message: it may quote the job's parameters. The code says what went wrong.
+        log.warning("worker %s: job %s of %s failed: %s", self.name, delivery.job_id, delivery.model, code)
+        outcome = self.writer.end(delivery.job_id, Status.FAILED, (EventType.ERROR, error), fields)
+        if outcome == ENDED:
+            kind = delivery.fields.get(b"kind", b"").decode(errors="replace")
+            kind = kind if kind in PROGRAMS else "unknown"  # an entry that cannot be read: a bounded label
+            metrics.JOBS.labels(kind=kind, outcome=str(Status.FAILED)).inc()
         self.queue.ack(delivery)
 
     def _ended(self, job_id: str, acknowledge: bool) -> None:

@@ -22,7 +22,7 @@ ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
 HEALTHCHECK = REPO / "docker" / "healthcheck.py"
 K8S = REPO / "k8s"
 OVERLAYS = ("cpu", "gpu")
-CRD_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor"}
+CRD_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PrometheusRule"}
 # The image's caches (Dockerfile ENV): each must lie on a writable mount, the root being read-only.
 # torch.compile (DDPM_COMPILE) writes, then loads, its kernels under the last two.
 CACHE_VARIABLES = ("XDG_CACHE_HOME", "HF_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")

@@ -115,13 +115,16 @@ class Cluster:
         return worker
 
     def wait_up(self) -> None:
-        """Until the API answers /healthz and every worker has a heartbeat."""
+        """Until every worker has a heartbeat and the API answers: /readyz where workers run (its refresh
+        has then read the models they published: a request right after would otherwise meet "no model is
+        available yet"), /healthz where none does."""
         deadline = time.monotonic() + START_TIMEOUT
         for proc in [*self.apis[-1:], *self.workers.values()]:
             assert proc.alive(), proc.tail()
+        path = "/readyz" if any(w.alive() for w in self.workers.values()) else "/healthz"
         while True:
             try:
-                api_up = httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
+                api_up = httpx.get(f"{self.url}{path}", timeout=2).status_code == 200
             except httpx.TransportError:
                 api_up = False
             beating = all(self.redis.exists(f"ddpm:worker:{n}") for n, w in self.workers.items() if w.alive())
