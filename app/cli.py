@@ -201,13 +201,21 @@ def _model(ddpm: Client, name: str | None) -> Model | None:
     return next((m for m in models if m.name == name or (name is None and m.default)), None)
 
 
+def _most_steps(model: Model | None) -> int:
+    """The most steps the server runs of `model` (T, or its DDPM_MAX_STEPS if less): the default of
+    `steps`, for the previews' spacing. 1000 (the paper's T) when the server does not say."""
+    if model is None:
+        return 1000
+    return min(model.timesteps, model.max_steps or model.timesteps)
+
+
 def _remote_sample(args: argparse.Namespace) -> None:
     check_output_file(args.out, "--out")
     check_output_file(args.npy, "--npy")
     _ddim_only_eta(args)
     with _client(args.url) as ddpm:
         model = _model(ddpm, args.model)
-        steps = args.steps or (model.timesteps if model else 1000)
+        steps = args.steps or _most_steps(model)  # the server's default: as many as it allows
         options = {"steps": args.steps, "sampler": args.sampler, "seed": args.seed, "model": args.model}
         if args.sampler == "ddim":
             options["eta"] = args.eta
@@ -255,9 +263,10 @@ def _remote_interpolate(args: argparse.Namespace) -> None:
     with _client(args.url) as ddpm:
         model = _model(ddpm, args.model)
         timesteps = model.timesteps if model else 1000
+        default_t = max(1, min(timesteps // 2, _most_steps(model)))  # the server's: T/2 or its limit
         # The job's steps: seed ends are sampled first (all T steps), then the decoding from t.
         seeded = isinstance(a, int) or isinstance(b, int)
-        steps = (timesteps if seeded else 0) + (args.steps or max(args.t or [timesteps // 2]))
+        steps = (timesteps if seeded else 0) + (args.steps or max(args.t or [default_t]))
         options = {"model": args.model, "steps": args.steps, "seed": args.seed, "t": t}
         options = {k: v for k, v in options.items() if v is not None}
         create = partial(ddpm.interpolate, a, b, num=args.num, stream_every=_previews(steps), **options)

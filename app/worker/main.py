@@ -70,22 +70,26 @@ def main(argv: list[str] | None = None) -> None:
         from app.worker.worker import Worker, default_name
 
         threads.confine()  # before any torch work: only the engine threads compute in parallel
-        # Until the worker's own handler is in place, SIGTERM (a pod stopped while its models load) ends
-        # the process: as PID 1 in a container its default action is ignored, and the pod would wait out
-        # its whole grace period before SIGKILL.
-        signal.signal(signal.SIGTERM, stopped_while_starting)
+        # Until the engines have warmed up, SIGTERM or Ctrl-C (a pod stopped while its models load or
+        # compile) ends the process at once: nothing is claimed yet, and as PID 1 in a container a SIGTERM
+        # with no handler is ignored, so the pod would wait out its whole grace period before SIGKILL.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, stopped_while_starting)
         try:
             checkpoints = load_models(settings)
         except Exception as e:  # a bad model reference: say which, and stop
             sys.exit(f"ddpm-worker: could not load the models: {e}")
         name = settings.worker_name or default_name()
         worker = Worker(settings, checkpoints, sync_client(settings.redis_url), name=name)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: worker.stop())
+
+        def serving() -> None:  # from now on a signal winds the worker down: its jobs finish or go back
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: worker.stop())
+
         if metrics is not None:
             serve_metrics(metrics)
             cleanup.callback(metrics.shutdown)  # first: stop answering, then close
-        worker.run()
+        worker.run(on_started=serving)
     if worker.engine_died:
         sys.exit("ddpm-worker: an engine thread died or hung (see the log); its jobs were handed back")
 

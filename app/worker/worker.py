@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
@@ -110,10 +111,13 @@ class Worker:
         """Ask `run` to wind down (safe from a signal handler: it only sets a flag)."""
         self._stopping.set()
 
-    def run(self) -> None:
+    def run(self, on_started: Callable[[], None] | None = None) -> None:
         """Serve until `stop()` (or until an engine thread dies or hangs: `engine_died`), then shut down;
-        returns when everything has stopped."""
+        returns when everything has stopped. `on_started`: called once the engines have warmed up (minutes
+        with compilation or CUDA graphs), before any job is claimed."""
         self.pool.start()
+        if on_started is not None:
+            on_started()
         self._update_device_memory()  # the models are on the device: their weights are in the first reading
         announced = self._announce()
         threads = [

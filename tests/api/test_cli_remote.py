@@ -214,3 +214,14 @@ def test_an_error_while_following_names_the_job_and_where_to_see_it(live, tmp_pa
         f"ddpm remote sample: cannot reach {live.url}: connection refused; job {followed[0]} may still "
         f"be running: see {live.url}/jobs/{followed[0]} (unreachable, after 6 attempts)"
     )
+
+
+def test_previews_follow_the_servers_step_limit(model_dirs, tmp_path, capsys):
+    """tiny2 (T = 100) on a server that allows 10 steps: a sample that names no steps runs 10, and the
+    progress previews are spaced for 10 steps (every one), not for T (every other, of steps never run)."""
+    with live_server(server_settings(model_dirs[1:], max_steps=10)) as live:
+        main(["remote", "sample", "--url", live.url, "--n", "1", "--out", str(tmp_path / "g.png")])
+        job_id = capsys.readouterr().out.split(", job ")[1].split()[0].rstrip(",")
+        with live.client() as client:
+            job = client.get(f"/jobs/{job_id}").json()
+    assert (job["params"]["steps"], job["params"]["stream_every"]) == (10, 1), job["params"]

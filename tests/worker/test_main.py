@@ -141,3 +141,30 @@ def test_sigterm_while_the_models_load_stops_the_worker_at_once():
         worker.kill()
     assert worker.returncode == 1, (worker.returncode, err)
     assert err.strip().splitlines()[-1] == "ddpm-worker: stopped by SIGTERM before it started serving"
+
+
+def test_sigterm_while_the_engines_warm_up_stops_the_worker_at_once():
+    """Warm-up (compiling, capturing CUDA graphs) can take minutes after the models load; until it ends
+    nothing is claimed, and a SIGTERM ends the worker then too, rather than a flag nobody reads yet."""
+    slow_warm_up = (
+        "import time, app.loading, app.worker.worker as w\n"
+        "from tests.tiny import tiny_checkpoint\n"
+        "app.loading.load_models = lambda settings: {'tiny': tiny_checkpoint()}\n"
+        "def start(self):\n"
+        "    print('warming up', flush=True)\n"
+        "    time.sleep(120)\n"
+        "w.EnginePool.start = start\n"
+        "from app.cli import worker_main\n"
+        "worker_main()\n"
+    )
+    env = {**os.environ, "DDPM_REDIS_URL": NO_REDIS}
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    worker = subprocess.Popen([sys.executable, "-c", slow_warm_up], env=env, **pipes)
+    try:
+        assert worker.stdout.readline() == "warming up\n"
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=30)
+    finally:
+        worker.kill()
+    assert worker.returncode == 1, (worker.returncode, err)
+    assert err.strip().splitlines()[-1] == "ddpm-worker: stopped by SIGTERM before it started serving"
