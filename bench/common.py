@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TypeVar
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from app.engine import threads
@@ -25,16 +30,47 @@ T = TypeVar("T")
 RESULTS = Path(os.environ.get("BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
-def machine() -> dict[str, str | int]:
-    """What ran the benchmark, for the results file."""
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {
-        "cpu": platform.processor() or platform.machine(),
+def machine() -> dict[str, object]:
+    """What ran the benchmark, for the results file: the command, the code's commit, the CPU (its model
+    and the vector instructions torch uses: AVX2 or AVX-512 swing CPU figures several-fold), the GPU and
+    its software, and whether float32 matmuls and convolutions on it may use TF32."""
+    info: dict[str, object] = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "commit": _commit(),
+        "cpu": _cpu_model() or platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": threads.for_engines(),
-        "gpu": gpu or "none",
+        "gpu": "none",
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
+    if torch.cuda.is_available():
+        info |= {
+            "gpu": torch.cuda.get_device_name(0),
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+            "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        }
+    return info
+
+
+def _commit() -> str:
+    try:
+        run = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"  # no git (the device machine's copy may have none)
+    return run.stdout.strip()
+
+
+def _cpu_model() -> str | None:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
 
 
 def set_threads(threads: int | None) -> None:
@@ -131,23 +167,57 @@ def fast_path(spec: str, *, batch: int) -> FastPath:
     )
 
 
-def conv_tflop_s(dtype: torch.dtype, *, device: torch.device, channels_last: bool = False) -> float:
-    """TFLOP/s of one 3×3 convolution in `dtype` (64 → 64 channels at 32×32, batch 16 on a CPU; 256 channels,
-    batch 64 on a GPU), the operation that makes most of a U-Net's FLOPs: measured in the same process, a
-    yardstick for the whole network's FLOP/s through the same kernels (oneDNN on a CPU, cuDNN on a GPU)."""
-    batch, channels = (64, 256) if device.type == "cuda" else (16, 64)
-    conv = torch.nn.Conv2d(channels, channels, 3, padding=1).to(device, dtype)
-    x = torch.randn(batch, channels, 32, 32, device=device, dtype=dtype)
+def convolutions(
+    model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor
+) -> list[tuple[torch.nn.Module, torch.Tensor]]:
+    """Every convolution one forward of `model` makes, with the input it got (copied): to time them alone."""
+    calls: list[tuple[torch.nn.Module, torch.Tensor]] = []
+
+    def record(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
+        calls.append((module, inputs[0].detach().clone()))
+
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    hooks = [m.register_forward_hook(record) for m in convs]
+    try:
+        with torch.inference_mode():
+            model(x, t)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls
+
+
+def convolutions_alone(
+    calls: list[tuple[torch.nn.Module, torch.Tensor]], *, channels_last: bool = False, dtype: str = "float32"
+) -> Callable[[], None]:
+    """A function that runs `calls` (from `convolutions`) one after the other, as a forward would: in
+    channels_last (copies of the modules and inputs) and under the autocast `dtype` of a fast path. The
+    time of a forward's convolutions alone, nearly all of its FLOPs: what a forward would take if nothing
+    else in it cost anything, so diffusers' time over it bounds the ratio any implementation could reach
+    with the same convolution kernels."""
     if channels_last:
-        conv, x = conv.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        # the best of five medians: a rate this device reaches, not one another process held it to
-        seconds = min(timeit(lambda: conv(x), device=device, repeat=3, warmup=1) for _ in range(5))
-    return 2 * batch * channels**2 * 9 * 32 * 32 / seconds / 1e12
+        calls = [
+            (
+                copy.deepcopy(m).to(memory_format=torch.channels_last),
+                x.contiguous(memory_format=torch.channels_last),
+            )
+            for m, x in calls
+        ]
+    device = calls[0][1].device
+    autocast = torch.autocast(device.type, getattr(torch, dtype)) if dtype != "float32" else nullcontext()
+
+    def run() -> None:
+        with torch.inference_mode(), autocast:
+            for module, x in calls:
+                module(x)
+
+    return run
 
 
 def flops_per_image(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> float:
-    """FLOPs of one forward of one image (PyTorch's FLOP counter: 2 per multiply-add)."""
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    """FLOPs of one forward of one image (PyTorch's FLOP counter: 2 per multiply-add). Attention runs as
+    its plain maths while counting: the counter knows no formula for the CPU's fused attention kernel,
+    and would leave QKᵀ and the weighted sum out."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         model(x[:1], t[:1])
     return counter.get_total_flops()

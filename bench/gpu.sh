@@ -8,8 +8,8 @@
 # .whl/ (git-ignored) carries diffusers for the comparison rows; make it here once with
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #         --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1
-# (its other requirements are on the machine's image already; without .whl the diffusers rows fail and
-# the rest still runs). Dry run on a CPU, tiny sizes, about a minute:
+# (its other requirements are on the machine's image already; without .whl the diffusers rows and
+# columns are left out and the rest still runs). Dry run on a CPU, tiny sizes, about a minute:
 #     DEVICE=cpu PYTHON=.venv/bin/python bash bench/gpu.sh
 #
 # Results go to $OUT when set (the device tool brings them back), else bench/results/gpu/:
@@ -28,13 +28,17 @@ RESULTS=${OUT:-bench/results/gpu}
 mkdir -p "$RESULTS"
 export BENCH_RESULTS=$RESULTS PYTHONUNBUFFERED=1
 exec > >(tee "$RESULTS/gpu.log") 2>&1
+TEE=$!
+# At the end, close the pipe and let tee write the log's last lines before the script (and the device
+# tool's copy of $OUT) ends.
+trap 'exec 1>&- 2>&-; wait "$TEE" 2>/dev/null' EXIT
 
 if [ "$DEVICE" = cuda ]; then
     ARCH=cifar10 CHECK_BATCH=8 CHECK_STEPS=20 QUALITY=(64 20)
-    FWD_BATCHES=1,32,256 FWD_REPEAT=10
+    FWD_BATCHES=1,8,32,256 FWD_REPEAT=10  # the 1/8/32, and a batch that fills the GPU
     BATCH=256 DDPM_SHORT=100 DDIM=50 BIG_BATCH=512 DDPM_FULL=1000
     FAST=channels_last,bf16,graphs PEAK=989
-    LIMITS=(75 45 45 75 60 170)
+    LIMITS=(75 45 60 75 60 150)  # 465 s in all; each benchmark saves its rows as they come
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
 else  # the dry run: every step with tiny sizes and the CPU's fast paths
     # A CPU without native bf16 (AVX2 only) emulates it 6-19x slower than float32: keep the bundled

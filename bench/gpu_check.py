@@ -87,10 +87,18 @@ def forward_checks(checks: Checks, arch: str, device: torch.device, batch: int) 
             1e-1,
         ),
     }
+    if graphs:  # float16 autocast is CUDA-only
+        paths["fp16 channels_last+graphs"] = (
+            FastPath(channels_last=True, dtype="float16", cuda_graphs=True),
+            1e-1,
+        )
     for name, (fast, tol) in paths.items():
         forward = Forward(checkpoint(arch, device).unet, fast, device=device, max_batch=batch)
         forward.warm_up(tuple(x.shape[1:]))
-        for rows in sorted({1, batch // 2 or 1, batch}) if fast.padded else [batch]:
+        # Bucket sizes (1, half, all) and sizes padded up to the next bucket (3 into 4, batch − 1 into batch)
+        for rows in (
+            sorted({1, min(3, batch), batch // 2 or 1, batch - 1 or 1, batch}) if fast.padded else [batch]
+        ):
             got = forward(x[:rows].to(device), t[:rows].to(device))
             checks.compare(f"forward {name}, {rows} rows", got, want[:rows], max_tol=tol)
 

@@ -28,6 +28,7 @@ import asyncio
 import functools
 import io
 import itertools
+import math
 import statistics
 import threading
 import time
@@ -71,7 +72,7 @@ class Load:
             # Little's law, N = X R: c clients always waiting give X = c / R, free of the window's steps.
             "little_s": round(concurrency / statistics.fmean(lat), 3) if lat else 0.0,
             "p50_s": round(statistics.median(lat), 3) if lat else "",
-            "p95_s": round(lat[min(len(lat) - 1, int(0.95 * len(lat)))], 3) if lat else "",
+            "p95_s": round(lat[math.ceil(0.95 * len(lat)) - 1], 3) if lat else "",  # nearest rank
         }
 
 
