@@ -539,7 +539,16 @@ def give_up(page: Page, panel) -> None:
     expect(error).to_contain_text("the job may still be running")
 
 
-def test_a_lost_jobs_cancel_does_not_outlive_the_next_submit(page):
+def test_a_lost_jobs_cancel_does_not_outlive_the_next_submit(browser, model_dirs):
+    # A server of its own: the lost job runs on after the test (nothing cancels it), holding 15 rows
+    with (
+        live_server(server_settings(model_dirs, max_images=16, max_batch=16)) as server,
+        open_page(browser, server.url) as page,
+    ):
+        lost_cancel_then_submit(page)
+
+
+def lost_cancel_then_submit(page: Page) -> None:
     page.route("**/stream/**", lambda route: route.abort("connectionrefused"))
     page.clock.install()
     panel = page.locator("#sample")
