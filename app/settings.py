@@ -93,8 +93,26 @@ class Settings(BaseSettings):
         ge=1,
         description="most x̂₀ previews one job keeps for /stream replay; a finer stream_every is coarsened",
     )
+    max_preview_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=0,
+        description="bytes of preview images (base64 PNG) one job may store for /stream replay; x_t only "
+        "within half of it; beyond it progress events carry no images (x0: []); 0 = previews without images",
+    )
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest request body, in bytes")
+    max_input_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1,
+        description="most bytes of input images one request may decode to (n × C × H × W × 4, float32, kept "
+        "with the job): small PNGs of flat images expand; beyond it 413",
+    )
     max_queued_jobs: int = Field(256, ge=1, description="queued jobs beyond which POSTs get 429")
+    max_queued_jobs_per_key: int | None = Field(
+        None,
+        ge=1,
+        description="queued jobs of one API key beyond which its POSTs get 429, so one key cannot fill the "
+        "queue for all; none = a quarter of max_queued_jobs (at least 1); without API keys it does not apply",
+    )
     job_ttl_seconds: float = Field(
         3600.0,
         gt=0,

@@ -49,6 +49,25 @@ class QueueFull(Exception):
     """Too many jobs are waiting (max_queued_jobs)."""
 
 
+class OwnerQueueFull(QueueFull):
+    """The job's owner (an API key) has `limit` jobs waiting already (max_queued_jobs_per_key)."""
+
+    def __init__(self, limit: int):
+        super().__init__(limit)
+        self.limit = limit
+
+
+def queued_jobs_per_owner(settings: Settings, owner: str | None) -> int | None:
+    """The most jobs `owner` may have waiting: `max_queued_jobs_per_key`, or a quarter of
+    `max_queued_jobs` (at least 1) when unset; None (no such limit) without API keys, where every client
+    is the one anonymous owner and only `max_queued_jobs` applies."""
+    if owner is None or not settings.auth_enabled:
+        return None
+    if settings.max_queued_jobs_per_key is not None:
+        return settings.max_queued_jobs_per_key
+    return max(1, settings.max_queued_jobs // 4)
+
+
 class Unavailable(Exception):
     """Nothing can run the job now (the message says why)."""
 
@@ -92,6 +111,9 @@ class LocalDispatcher:
         self._models = {
             name: ModelEntry(name, engine.ckpt, name == pool.default) for name, engine in pool.engines.items()
         }
+        # Owner -> {job id: model} of the jobs it submitted that may still wait; which do is read from
+        # the engines' queues at each of its submissions (so nothing drifts), and the rest forgotten.
+        self._owned: dict[str, dict[str, str]] = {}
 
     @classmethod
     async def open(
@@ -138,6 +160,9 @@ class LocalDispatcher:
             raise Unavailable(f"the {job.model} engine is not running; see /readyz")
         if self.queued() >= self.settings.max_queued_jobs:
             raise QueueFull
+        limit = queued_jobs_per_owner(self.settings, job.owner)
+        if job.owner is not None and limit is not None and self.waiting_of(job.owner) >= limit:
+            raise OwnerQueueFull(limit)
         await self.store.create(job)
         self.runner.watch(work)
         try:
@@ -146,6 +171,19 @@ class LocalDispatcher:
             log.exception("job %s: the engine refused it", job.id)
             self.runner.forget(job.id)
             raise Unavailable(f"the {job.model} engine is not running; see /readyz") from e
+        if job.owner is not None and limit is not None:
+            self._owned.setdefault(job.owner, {})[job.id] = job.model
+
+    def waiting_of(self, owner: str) -> int:
+        """How many of `owner`'s jobs wait in an engine's queue (the jobs that have left one forgotten)."""
+        owned = self._owned.get(owner, {})
+        for job_id, model in list(owned.items()):
+            engine = self.pool.engines.get(model)
+            if engine is None or engine.queue_position(job_id) is None:
+                del owned[job_id]
+        if not owned:
+            self._owned.pop(owner, None)
+        return len(owned)
 
     async def cancel(self, job: JobRecord) -> CancelOutcome:
         engine = self.pool.engines.get(job.model)

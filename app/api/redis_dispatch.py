@@ -1,14 +1,15 @@
 """Distributed mode's side of the API: jobs into Redis Streams, models and readiness from worker heartbeats.
 
 The process holds no job state: a job is created and queued by one Lua script (SUBMIT, which also
-refuses when the queues are full), its record, events and results live in Redis (RedisJobStore), and
-any replica can serve any job. What the API knows of the models comes from the `ModelSpec`s workers
-publish. A background task refreshes that, the live workers and the queue positions (and from them
-`ddpm_queue_waiting`, so the queue depth is known with no worker up) every `REFRESH_SECONDS`; a
-position may thus lag by that much, except that a job this replica cancels stops counting at once.
-While Redis is away every call raises a redis-py ConnectionError (the model list too, from the failed
-refresh on), which `install_error_handler` turns into a 503 that says so. An outage is logged once when
-a refresh first fails (WARNING) and once when one succeeds again (INFO); the 503s at most once a minute.
+refuses when the queues are full, or hold the job's API key's share), its record, events and results
+live in Redis (RedisJobStore), and any replica can serve any job. What the API knows of the models comes
+from the `ModelSpec`s workers publish. A background task refreshes that, the live workers and the queue
+positions (and from them `ddpm_queue_waiting`, so the queue depth is known with no worker up) every
+`REFRESH_SECONDS`; a position may thus lag by that much, except that a job this replica cancels stops
+counting at once. While Redis is away every call raises a redis-py ConnectionError (the model list too,
+from the failed refresh on), which `install_error_handler` turns into a 503 that says so. An outage is
+logged once when a refresh first fails (WARNING) and once when one succeeds again (INFO); the 503s at
+most once a minute.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app import metrics
-from app.api.dispatch import CancelOutcome, ModelEntry, QueueFull
+from app.api.dispatch import CancelOutcome, ModelEntry, OwnerQueueFull, QueueFull, queued_jobs_per_owner
 from app.api.errors import ApiError, error_response
 from app.engine.work import Work
 from app.jobs import JobRecord, Status
@@ -184,10 +185,14 @@ class RedisDispatcher:
         for name, data in input_blobs(work).items():
             blobs += [name, data]
         entry = [value for pair in entry_fields(work).items() for value in pair]
+        per_owner = queued_jobs_per_owner(self.settings, job.owner)
         args = [
             lua.ttl_ms(self.store.ttl_seconds),
             self.settings.max_queued_jobs,
             GROUP,
+            "" if per_owner is None else per_owner,
+            lua.to_json(job.owner),
+            *self.keys.job_affixes(),
             len(fields) // 2,
             *fields,
             len(blobs) // 2,
@@ -198,6 +203,8 @@ class RedisDispatcher:
         outcome = reply[0].decode()
         if outcome == "full":
             raise QueueFull
+        if outcome == "owner_full" and per_owner is not None:
+            raise OwnerQueueFull(per_owner)
         if outcome != "ok":
             raise ValueError(f"job {job.id} already exists")
         self._positions[job.id] = (job.model, int(reply[1]))

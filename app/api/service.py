@@ -18,12 +18,13 @@ import numpy as np
 
 from app import metrics
 from app.api import schemas
-from app.api.dispatch import CancelOutcome, Dispatcher, ModelEntry, QueueFull, Unavailable
+from app.api.dispatch import CancelOutcome, Dispatcher, ModelEntry, OwnerQueueFull, QueueFull, Unavailable
 from app.api.errors import ApiError, invalid, not_found
 from app.api.uploads import decode_image
 from app.engine.work import Work
 from app.jobs import EventType, InvalidTransition, JobEnded, JobNotFound, JobRecord, JobStore, Status
 from app.jobs.encoding import GRID, npy_bytes, npy_name, png_name
+from app.jobs.previews import BUDGET_PARAM
 from app.jobs.records import utcnow
 from app.settings import Settings
 
@@ -76,9 +77,27 @@ class JobService:
             return 0
         return max(stream_every, math.ceil(steps / self.settings.max_preview_events))
 
+    def check_input_bytes(self, size: int, what: str) -> None:
+        """413 `input_too_large` when a request's inputs take `size` bytes as float32, more than
+        `max_input_bytes`: they are kept with the job (in Redis, distributed) until it ends, and a small
+        PNG of a flat image decodes to many times its size. `what`: the inputs, as the message names them."""
+        limit = self.settings.max_input_bytes
+        if size > limit:
+            raise ApiError(
+                413,
+                "input_too_large",
+                f"{what} decode to {size:,} bytes of float32, more than the {limit:,} this server accepts "
+                "per request (DDPM_MAX_INPUT_BYTES); send fewer or smaller images",
+            )
+
     async def decode_uploads(self, uploads: dict[str, str], entry: ModelEntry) -> np.ndarray:
         """Uploaded base64 images, keyed by request field -> (m, C, H, W) float32, decoded off the event
-        loop; 400 (bad data) or 422 (wrong size or channels) naming the field."""
+        loop; 413 when they would decode to more than `max_input_bytes` (refused before decoding), 400
+        (bad data) or 422 (wrong size or channels) naming the field."""
+        c, r, m = entry.ckpt.channels, entry.ckpt.resolution, len(uploads)
+        self.check_input_bytes(
+            m * c * r * r * 4, f"{', '.join(uploads) if m <= 2 else f'{m} images'} ({c}×{r}×{r})"
+        )
 
         def decode() -> np.ndarray:
             return np.stack(
@@ -139,17 +158,33 @@ class JobService:
         """
         every = self.preview_every(steps, stream_every)
         params, work_params = {**params, "stream_every": every}, {**work_params, "stream_every": every}
+        if every:  # the bytes of previews the job may store (app/jobs/previews.py), whoever runs it
+            work_params[BUDGET_PARAM] = self.settings.max_preview_bytes
+        if inputs:
+            self.check_input_bytes(
+                sum(4 * int(array.size) for array in inputs.values()),
+                "the job's inputs (" + ", ".join(inputs) + ")",
+            )
         job = JobRecord(
             id=new_job_id(), kind=kind, model=model, params=params, seed=seed, owner=owner, steps=steps
         )
         work = Work(job_id=job.id, kind=kind, model=model, params=work_params, inputs=inputs or {})
         try:
             await self.dispatcher.submit(job, work)
+        except OwnerQueueFull as e:
+            raise ApiError(
+                429,
+                "key_queue_full",
+                f"this API key has {e.limit} jobs waiting already, its most (DDPM_MAX_QUEUED_JOBS_PER_KEY); "
+                "retry when some have started",
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            ) from None
         except QueueFull:
             raise ApiError(
                 429,
                 "queue_full",
-                f"{self.settings.max_queued_jobs} jobs are already waiting; retry in a few seconds",
+                f"{self.settings.max_queued_jobs} jobs are already waiting (DDPM_MAX_QUEUED_JOBS); "
+                "retry in a few seconds",
                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             ) from None
         except Unavailable as e:

@@ -152,11 +152,17 @@ return 'requested'
 """
 )
 
-# Create a job and queue it, refusing when the queues are full: one step, so concurrent API replicas
-# cannot overfill them. KEYS[5]: the model's queue; KEYS[6…]: every other model's queue (for the total).
-# Waiting entries are those not yet delivered: acknowledged entries are deleted, so XLEN − pending.
-# ARGV: ttl_ms, max_queued, group, n, n field/value pairs, m, m input name/bytes pairs, entry pairs
-#   ->  {'ok', waiting in this queue (= the job's position)} | {'full', waiting in all} | {'exists', 0}
+# Create a job and queue it, refusing when the queues are full, or when its owner (an API key) has its
+# limit of jobs waiting: one step, so concurrent API replicas cannot overfill them. KEYS[5]: the model's
+# queue; KEYS[6…]: every other model's queue (for the totals).
+# Waiting entries are those not yet delivered: acknowledged entries are deleted, so XLEN − pending. An
+# owner's waiting jobs are read from the queues themselves (the entries after the group's last delivery
+# whose job is still queued and has that owner, as WAITING reads them), so no counter can drift when jobs
+# start, end, are cancelled, expire or are dead-lettered.
+# ARGV: ttl_ms, max_queued, group, max per owner ('' = no limit), owner (JSON, as in the job hash), the job
+# key before the id, after it, n, n field/value pairs, m, m input name/bytes pairs, entry pairs
+#   ->  {'ok', waiting in this queue (= the job's position)} | {'full', waiting in all} |
+#       {'owner_full', the owner's jobs waiting} | {'exists', 0}
 SUBMIT = (
     _PRELUDE
     + r"""
@@ -167,13 +173,40 @@ local function waiting(queue)
   if ok then inflight = pending[1] end
   return redis.call('XLEN', queue) - inflight
 end
+local function owned(queue, owner, most)
+  local start = '-'
+  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', queue)
+  if ok then
+    for _, g in ipairs(groups) do
+      local info = {}
+      for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+      if info['name'] == group then start = '(' .. info['last-delivered-id'] end
+    end
+  end
+  local count = 0
+  for _, entry in ipairs(redis.call('XRANGE', queue, start, '+', 'COUNT', most)) do
+    local fields = entry[2]
+    for i = 1, #fields, 2 do
+      if fields[i] == 'job' then
+        local job = redis.call('HMGET', ARGV[6] .. fields[i + 1] .. ARGV[7], 'status', 'owner')
+        if job[1] == 'queued' and job[2] == owner then count = count + 1 end
+      end
+    end
+  end
+  return count
+end
 local queued = 0
 for i = 5, #KEYS do queued = queued + waiting(KEYS[i]) end
 if queued >= tonumber(ARGV[2]) then return {'full', queued} end
+if ARGV[4] ~= '' then
+  local mine = 0
+  for i = 5, #KEYS do mine = mine + owned(KEYS[i], ARGV[5], ARGV[2]) end
+  if mine >= tonumber(ARGV[4]) then return {'owner_full', mine} end
+end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists', 0} end
 pcall(redis.call, 'XGROUP', 'CREATE', KEYS[5], group, '0', 'MKSTREAM')
-local last = 4 + 2 * tonumber(ARGV[4])
-hset_pairs(KEYS[1], 5, last)
+local last = 8 + 2 * tonumber(ARGV[8])
+hset_pairs(KEYS[1], 9, last)
 local last_input = last + 1 + 2 * tonumber(ARGV[last + 1])
 hset_pairs(KEYS[4], last + 2, last_input)
 local entry = {}

@@ -26,6 +26,7 @@ from app import metrics
 from app.engine import threads as torch_threads
 from app.engine.work import Work
 from app.jobs.encoding import BrokenJobs, encoding_failure, preview_pngs, result_blobs
+from app.jobs.previews import PreviewBudget
 from app.jobs.records import EventType, Status, utcnow
 from app.jobs.store import InvalidTransition, JobEnded, JobNotFound, JobStore
 
@@ -43,6 +44,7 @@ class _Watched:
     stream_every: int
     grid_columns: int | None
     submitted: float  # time.monotonic()
+    previews: PreviewBudget  # the bytes of previews it may still store
     steps: int = 0  # known once the engine starts the job
 
 
@@ -79,6 +81,7 @@ class JobRunner:
             stream_every=int(work.params.get("stream_every", 0)),
             grid_columns=grid_columns(work),
             submitted=time.monotonic(),
+            previews=PreviewBudget.of(work.params),
         )
         with self._lock:
             self._watched[work.job_id] = watched
@@ -110,12 +113,13 @@ class JobRunner:
     def on_progress(
         self, job_id: str, step: int, steps: int, t: int, x0: torch.Tensor | None, xt: torch.Tensor | None
     ) -> None:
-        wants_preview = x0 is not None and xt is not None  # the engine picks the preview steps
+        watched = self._lookup(job_id)  # now: the engine's end of the job may forget it before encode runs
+        budget = watched.previews if watched is not None else PreviewBudget.of({})
 
         def encode() -> dict[str, Any] | None:
-            if not wants_preview:
+            if x0 is None or xt is None:  # the engine picks the preview steps
                 return None
-            return {"step": step, "steps": steps, "t": t, "x0": preview_pngs(x0), "xt": preview_pngs(xt)}
+            return budget.event(step, steps, t, x0, xt, preview_pngs)
 
         async def apply(preview: dict[str, Any] | None) -> None:
             await self._store.update(job_id, step=step, steps=steps)

@@ -18,7 +18,7 @@ import time
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -29,6 +29,7 @@ from app import metrics
 from app.engine import threads as torch_threads
 from app.engine.work import Work
 from app.jobs.encoding import BrokenJobs, encoding_failure, preview_pngs, result_blobs
+from app.jobs.previews import PreviewBudget
 from app.jobs.records import EventType, Status, utcnow
 from app.jobs.redis_writer import ENDED, JobWriter
 from app.jobs.runner import grid_columns
@@ -46,6 +47,10 @@ class _Watched:
     started: datetime | None = None  # its first step here
     steps: int = 0  # known once the engine starts the job
     dropped: bool = False  # handed back or taken over: a cancellation here is not the user's
+    previews: PreviewBudget = field(init=False)  # the bytes of previews it may still store
+
+    def __post_init__(self) -> None:
+        self.previews = PreviewBudget.of(self.work.params)
 
 
 class RedisListener:
@@ -114,18 +119,13 @@ class RedisListener:
     ) -> None:
         with self._lock:  # now: the engine's end of the job may forget it before the writer runs
             watched = self._jobs.get(job_id)
+        budget = watched.previews if watched is not None else PreviewBudget.of({})
 
         def write() -> None:
             preview = None
             if x0 is not None and xt is not None:
                 try:
-                    preview = {
-                        "step": step,
-                        "steps": steps,
-                        "t": t,
-                        "x0": preview_pngs(x0),
-                        "xt": preview_pngs(xt),
-                    }
+                    preview = budget.event(step, steps, t, x0, xt, preview_pngs)
                 except Exception as e:  # as embedded: the job fails, and the engine stops it
                     self._preview_failed(job_id, watched, e)
                     return

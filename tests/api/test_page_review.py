@@ -29,7 +29,7 @@ from playwright.sync_api import Browser, Page, Route, expect
 
 from app.api import create_app
 from tests.api.browser import TIMEOUT_MS, chromium
-from tests.api.conftest import Live, live_server, server_settings, wait_for
+from tests.api.conftest import Live, live_server, read_sse, server_settings, wait_for
 
 pytestmark = pytest.mark.service
 
@@ -619,3 +619,26 @@ def test_the_last_jobs_images_are_freed_when_the_next_one_starts(page):
     assert page.evaluate(alive, first) == [False, False]  # revoked
     shown = page.locator("#sample .results img").evaluate_all("images => images.map((i) => i.src)")
     assert page.evaluate(alive, shown) == [True]
+
+
+def test_past_the_preview_budget_the_last_previews_stay(browser, model_dirs):
+    """A job whose previews outgrow DDPM_MAX_PREVIEW_BYTES gets progress events without images: the page
+    keeps showing the last previews it got (it used to empty the grid) while the steps go on."""
+    with (
+        live_server(server_settings(model_dirs[1:], max_preview_bytes=1500)) as server,
+        open_page(browser, server.url) as page,
+    ):
+        page.evaluate("""() => {
+          window.shown = 0;
+          window.emptied = 0;
+          new MutationObserver(() => {
+            if (document.querySelectorAll("#sample .previews img").length) window.shown++;
+            else if (window.shown) window.emptied++;
+          }).observe(document.querySelector("#sample .previews"), {childList: true, subtree: true});
+        }""")
+        sample(page, n=1, steps=60)  # a preview every step (60 ≤ the page's 60 a job)
+        assert page.evaluate("window.shown") > 0 and page.evaluate("window.emptied") == 0
+        link = page.locator("#sample .results a").first.get_attribute("download")
+        with server.client() as client, client.stream("GET", f"/stream/{link.split('-')[0]}") as response:
+            progress = [e.data for e in read_sse(response) if e.event == "progress"]
+        assert progress[0]["x0"] and progress[-1]["x0"] == [], "the budget was not reached: no test"

@@ -257,6 +257,8 @@ class JobView {
     const eta = rate > 0 ? ` · ${formatSeconds((event.steps - event.step) / rate)} left` : "";
     this.running = `step ${event.step} / ${event.steps} · t = ${event.t}${eta}`;
     this.show();
+    // Past the job's preview budget (DDPM_MAX_PREVIEW_BYTES) events carry no images: the last ones stay.
+    if (!event.x0.length) return;
     this.previews.hidden = false;
     showGrid(this.previews, event.x0.length, columns(event.x0.length));
     event.x0.forEach((png, k) => {
