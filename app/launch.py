@@ -9,6 +9,9 @@ Start-up problems are short messages on stderr, each naming what to fix, before 
 - an address that cannot be listened on (the port is taken, the host is not this machine's):
   `ddpm-serve: cannot listen on 127.0.0.1:8000: address already in use`; exit status 3
   (`STARTUP_FAILURE`, uvicorn's own status when it cannot bind);
+- a Redis URL whose password is still the Secret template's placeholder (k8s/base/secret.template.yaml,
+  `REDIS_PASSWORD: "CHANGEME"`): `ddpm-serve: DDPM_REDIS_URL: the Redis password is the placeholder …`;
+  exit status 1, as an API key left at its placeholder is refused by the settings (too short);
 - a `DDPM_*` variable that is no setting (a typo) is not fatal: a warning names it, with the closest
   setting, once logging is configured.
 """
@@ -38,6 +41,9 @@ BACKLOG = 2048  # uvicorn's default listen backlog
 # app.client): a shell may set them for a client and start a server too.
 CLIENT_VARIABLES = frozenset({"DDPM_URL", "DDPM_API_KEY"})
 SHOWN_VALUE_CHARS = 80  # a longer value is cut in error lines
+# The Redis password of k8s/base/secret.template.yaml (and its API key's spelling), compared without regard
+# to case: an unedited copy of the template must stop start-up, not run with a password anyone can read.
+REDIS_PASSWORD_PLACEHOLDERS = frozenset({"changeme", "change-me"})
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +93,9 @@ def start(prog: str, args: argparse.Namespace, flags: Mapping[str, str]) -> Sett
     except ValidationError as e:
         given = {setting: flags[setting] for setting, value in values.items() if value is not None}
         sys.exit("\n".join(f"{prog}: {line}" for line in error_lines(e, given)))
+    placeholder = redis_placeholder_line(settings.redis_url)
+    if placeholder:
+        sys.exit(f"{prog}: {placeholder}")
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
     for warning in unknown_variables(os.environ, settings):
         log.warning("%s", warning)
@@ -122,6 +131,22 @@ def error_lines(error: ValidationError, given: Mapping[str, str]) -> list[str]:
             shown = f"{name}{' ' if setting in given and not where else '='}{_shown(value)}"
         lines.append(f"{shown}: {message}")
     return lines
+
+
+def redis_placeholder_line(redis_url: str | None) -> str | None:
+    """The start-up error for a Redis URL whose password is the Secret template's placeholder, else None.
+    Neither the URL nor the password is shown."""
+    if not redis_url:
+        return None
+    from redis.connection import parse_url
+
+    password = parse_url(redis_url).get("password")  # also from ?password=; percent-decoded
+    if password is None or password.strip().lower() not in REDIS_PASSWORD_PLACEHOLDERS:
+        return None
+    return (
+        "DDPM_REDIS_URL: the Redis password is the placeholder of k8s/base/secret.template.yaml; set "
+        "REDIS_PASSWORD in the Secret ddpm-secrets to a random one (docs/deployment.md) and restart Redis too"
+    )
 
 
 def _shown(value: Any) -> str:

@@ -10,6 +10,11 @@ the models (exit 1), so a port that is taken fails at once, not after minutes of
 listens from then on: connections made while the models load wait, and are answered once uvicorn runs.
 Exit 3 too when the app's own start-up fails (logged by uvicorn).
 
+Limits (constants below): LIMIT_CONCURRENCY connections, idle keep-alive connections closed after
+KEEP_ALIVE_SECONDS; uvicorn has no timeout for a slow request body, which the reverse proxy in front
+must enforce (docs/deployment.md). X-Forwarded-For is believed only from the proxies that uvicorn's
+FORWARDED_ALLOW_IPS variable names (none by default).
+
 SIGTERM (or Ctrl-C): uvicorn stops accepting connections and lets the requests in flight finish (up to
 `GRACEFUL_SHUTDOWN_SECONDS`). Open `/stream` connections would hold that until their jobs end, so
 first every stream is ended with a `shutdown` event (app/api/sse.py), which tells its client to resume
@@ -20,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from app import launch
@@ -31,6 +38,19 @@ if TYPE_CHECKING:
 
 STARTUP_FAILURE = launch.STARTUP_FAILURE  # 3, uvicorn's exit status when the server did not start
 GRACEFUL_SHUTDOWN_SECONDS = 10  # for requests in flight at SIGTERM; open streams end at once (below)
+# Open connections (or requests in flight) beyond which uvicorn answers a new request 503 at once. A body
+# is read in full (up to DDPM_MAX_BODY_BYTES) before the API key is checked, so without a limit clients
+# that trickle bodies hold ever more connections and buffers; with it, at most this many bodies are read
+# at once. Room for a few hundred open /stream connections. A constant, not a setting (yet).
+LIMIT_CONCURRENCY = 256
+# Seconds an idle keep-alive connection stays open between requests (uvicorn's default, made explicit):
+# idle connections count towards LIMIT_CONCURRENCY. A proxy that reuses upstream connections must close
+# its idle ones sooner (docs/deployment.md). uvicorn has no timeout for reading a body: the proxy's job.
+KEEP_ALIVE_SECONDS = 5
+# uvicorn's own variable: the proxies (comma-separated addresses or networks, or *) whose X-Forwarded-For
+# and X-Forwarded-Proto are believed. Unset or empty: none are, not even 127.0.0.1 (uvicorn's default),
+# so the client address (per-address /stream limits) is the connection's, never a header's.
+FORWARDED_ALLOW_IPS = "FORWARDED_ALLOW_IPS"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,8 +84,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def _serve(settings: Settings, sockets: list[socket.socket]) -> None:
     """Load the models (embedded), then run uvicorn on `sockets` until it stops."""
-    import uvicorn
-
     from app.api import create_app
 
     checkpoints = None
@@ -80,19 +98,31 @@ def _serve(settings: Settings, sockets: list[socket.socket]) -> None:
         except (CheckpointError, ValueError, OSError) as e:
             sys.exit(f"ddpm-serve: {e}")
     app = create_app(settings, checkpoints=checkpoints)
-    config = uvicorn.Config(
+    server = draining_server(uvicorn_config(app, settings))
+    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run does
+        server.run(sockets=sockets)
+    if not server.started:  # the app's start-up failed (logged)
+        sys.exit(STARTUP_FAILURE)
+
+
+def uvicorn_config(app: Any, settings: Settings, environ: Mapping[str, str] | None = None) -> Any:
+    """uvicorn's `Config` for serving `app`: limits on connections and idle time, and X-Forwarded-*
+    headers believed only from the proxies that `FORWARDED_ALLOW_IPS` (in `environ`) names."""
+    import uvicorn
+
+    trusted = (os.environ if environ is None else environ).get(FORWARDED_ALLOW_IPS, "").strip()
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         backlog=launch.BACKLOG,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        limit_concurrency=LIMIT_CONCURRENCY,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=trusted or None,
     )
-    server = draining_server(config)
-    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run does
-        server.run(sockets=sockets)
-    if not server.started:  # the app's start-up failed (logged)
-        sys.exit(STARTUP_FAILURE)
 
 
 def draining_server(config: Any) -> Any:

@@ -1,4 +1,4 @@
-"""ASGI middleware: request-body size limit and request-latency metrics.
+"""ASGI middleware: request-body size limit, request-latency metrics and the headers every response has.
 
 Pure ASGI (not `BaseHTTPMiddleware`) so that streaming responses (SSE) pass straight through and a
 body is never read twice.
@@ -15,6 +15,19 @@ from app import metrics
 from app.api.errors import ApiError, error_response
 
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
+# On every response (JSON, PNG/NPY downloads, SSE, errors, the page): no browser guesses a type other than
+# the one declared, e.g. renders an uploaded-then-served body as HTML.
+SECURITY_HEADERS = ((b"x-content-type-options", b"nosniff"),)
+
+
+def with_security_headers(message: Message) -> Message:
+    """`message` with SECURITY_HEADERS added when it starts a response (each unless already there)."""
+    if message["type"] != "http.response.start":
+        return message
+    headers = list(message.get("headers", ()))
+    present = {name.lower() for name, _ in headers}
+    headers.extend((name, value) for name, value in SECURITY_HEADERS if name not in present)
+    return {**message, "headers": headers}
 
 
 class BodyLimitMiddleware:
@@ -83,7 +96,8 @@ class BodyLimitMiddleware:
 
 
 class RequestMetricsMiddleware:
-    """Observes every request's latency by route template (bounded label set), method and status.
+    """Observes every request's latency by route template (bounded label set), method and status. Being
+    the outermost middleware, it also adds SECURITY_HEADERS to every response, the 413s included.
 
     Every label is bounded whatever clients send, as this runs before authentication: a method outside
     `metrics.HTTP_METHODS` counts as "other". A request that ends with no answer sent and no error (its
@@ -103,7 +117,7 @@ class RequestMetricsMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-            await send(message)
+            await send(with_security_headers(message))
 
         try:
             await self.app(scope, receive, send_status)

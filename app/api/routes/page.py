@@ -20,9 +20,9 @@ ASSETS = {
     "app.js": "text/javascript",
     "style.css": "text/css",
 }
+# X-Content-Type-Options: nosniff is on every response of the app (app/api/middleware.py).
 HEADERS = {
     "Cache-Control": "no-cache",  # revalidate (ETag), so a new deployment shows at once
-    "X-Content-Type-Options": "nosniff",
 }
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
