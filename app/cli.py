@@ -107,6 +107,11 @@ def _train(args: argparse.Namespace) -> None:
         else:
             where = f"unsaved; {args.out} holds step {held}; the same command resumes: {again}"
         raise KeyboardInterrupt(f"again: stopped at once at step {trainer.step}, {where}") from None
+    except FloatingPointError as e:  # a NaN/inf loss or gradient: stopped before the update, one line
+        held = (
+            "nothing saved" if trainer.saved_step is None else f"{args.out} holds step {trainer.saved_step}"
+        )
+        raise ValueError(f"{e}; {held}") from None
     if trainer.stopped_by == signal.SIGINT and trainer.step < trainer.cfg.steps:
         # Saved like a SIGTERM, but a Ctrl-C ends as main() ends every command on one: status 130.
         # (SIGTERM, how a scheduler or `kill` stops a run, stays a clean stop with status 0.)
@@ -359,7 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--attn-resolutions", dest="attn_resolutions", type=_tuple)
     t.add_argument("--dropout", type=decay, help="in [0, 1) (default 0.1)")
     t.add_argument(
-        "--norm-groups", dest="norm_num_groups", type=positive_int, help="GroupNorm groups (default 32)"
+        "--norm-groups",
+        dest="norm_num_groups",
+        type=positive_int,
+        help="GroupNorm groups (default min(32, ch/4): 8 for --ch 32; a resumed run keeps its own)",
     )
     t.add_argument("--beta-schedule", dest="beta_schedule", choices=("linear", "cosine"))
     t.add_argument("--variance-type", dest="variance_type", choices=("fixed_large", "fixed_small"))

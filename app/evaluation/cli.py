@@ -121,6 +121,11 @@ def _eval(args: argparse.Namespace) -> None:
     check_input_folder(args.classifier, "--classifier", expected, holding=(CONFIG_NAME, WEIGHTS_NAME))
     classifier = load_classifier(args.classifier, device=args.device)
     real = load_images(args.data)
+    if args.real and not 2 <= args.n <= len(real) // 2:
+        raise ValueError(
+            f"--n {args.n}: with --real, the FID floor compares --n of the {len(real) // 2:,} odd-indexed "
+            f"digits of --data with the even ones; give --n in 2..{len(real) // 2}"
+        )
     if args.real:
         report = evaluate_real(real, classifier, subset=args.n, batch_size=args.batch_size)
         label = f"real digits ({report['fid_halves'][0]:,} vs {report['fid_halves'][1]:,} for FID)"

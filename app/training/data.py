@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import struct
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from app.images import from_uint8
+
+log = logging.getLogger(__name__)
 
 # The MNIST test set the project trains its bundled model on: ../shared/data/mnist beside the checkout.
 SHARED_MNIST = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist"
@@ -48,17 +51,33 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 
 def _find_idx(folder: Path, kind: str) -> Path | None:
+    """The one '*{kind}-idx*' file of the folder; of several, the one train-* file (MNIST's four files:
+    train-* and t10k-*, and the training set is meant), else an error naming them."""
     hits = sorted(p for p in folder.iterdir() if kind in p.name and "idx" in p.name)
-    return hits[0] if hits else None
+    if len(hits) <= 1:
+        return hits[0] if hits else None
+    train = [p for p in hits if p.name.startswith("train")]
+    if len(train) == 1:
+        return train[0]
+    raise DataError(
+        f"{folder}: {len(hits)} '*{kind}-idx*' files ({', '.join(p.name for p in hits)}) and not one train-* "
+        "among them: which to read is unclear; give --data a folder holding one set"
+    )
+
+
+def _check_images(images: np.ndarray, path: Path) -> np.ndarray:
+    if images.ndim != 3 or images.dtype != np.uint8:
+        hint = " (a labels file?)" if images.ndim == 1 else ""
+        raise DataError(f"{path}: expected (N, H, W) uint8 images, got {images.shape} {images.dtype}{hint}")
+    return images
 
 
 def _from_idx_folder(folder: Path) -> tuple[np.ndarray, np.ndarray | None]:
     images_path = _find_idx(folder, "images")
     if images_path is None:
         raise DataError(f"{folder}: no '*images-idx*' file")
-    images = read_idx(images_path)
-    if images.ndim != 3 or images.dtype != np.uint8:
-        raise DataError(f"{images_path}: expected (N, H, W) uint8 images, got {images.shape} {images.dtype}")
+    images = _check_images(read_idx(images_path), images_path)
+    log.info("reading %s (%d images)", images_path, len(images))
     labels_path = _find_idx(folder, "labels")
     labels = None
     if labels_path is not None:
@@ -124,7 +143,7 @@ def load_images(path: str | Path, *, with_labels: bool = False):
     elif path.suffix == ".npz":
         images, labels = _from_npz(path)
     else:
-        images = read_idx(path)
+        images = _check_images(read_idx(path), path)
     if len(images) == 0:
         raise DataError(f"{path}: the dataset is empty")
     x = from_uint8(images)

@@ -1,7 +1,13 @@
 """Algorithm 1 of the paper: ε-prediction trained with L_simple, plus EMA, warm-up, clipping, resume.
 
 A run lives in one folder: `state.pt` (everything needed to resume, written atomically),
-`model/` (the EMA weights in the diffusers layout: what gets served) and `previews/`.
+`model/` (the EMA weights in the diffusers layout: what gets served) and `previews/`. A checkpoint
+writes model/ first and state.pt last, so model/ is never behind state.pt; a resume re-exports model/
+if its step is not state.pt's.
+
+A non-finite loss, or a finite loss with a non-finite gradient norm, stops the run with
+FloatingPointError before the update: the weights, the EMA and the last state.pt stay as they were
+(skipping such steps would hide a diverging run; lower --lr and resume).
 """
 
 from __future__ import annotations
@@ -47,8 +53,10 @@ class TrainConfig:
     dropout: float = 0.1
     # GroupNorm groups. At 1 channel a group (ch=32 with the paper's 32) every norm removes each
     # channel's spatial mean, and the net cannot pass x_t's mean through to ε: samples drift to a
-    # grey background. Small models want ≥ 2 channels a group.
-    norm_num_groups: int = 32
+    # grey background. Small models want ≥ 2 channels a group. None: default_norm_groups(ch), i.e.
+    # min(32, ch // 4) (8 for ch 32, as the bundled model; the paper's 32 from ch 128), or on a resume
+    # the run's own.
+    norm_num_groups: int | None = None
     num_timesteps: int = 1000
     beta_schedule: str = "linear"
     beta_start: float = 1e-4
@@ -88,7 +96,18 @@ class TrainConfig:
 
     # What a resumed run may change, but with a warning: the data and the optimisation. (`steps`, the
     # intervals, the device and `--max-minutes` change freely; the model keys not at all.)
-    RUN_KEYS = ("data", "holdout", "batch_size", "lr", "warmup", "grad_clip", "ema_decay", "hflip", "seed")
+    RUN_KEYS = (
+        "data",
+        "holdout",
+        "batch_size",
+        "lr",
+        "warmup",
+        "grad_clip",
+        "ema_decay",
+        "hflip",
+        "seed",
+        "variance_type",  # the sampling variance written to model/, not the training
+    )
 
     def unet_config(self, *, resolution: int, channels: int) -> UNetConfig:
         return UNetConfig.ddpm(
@@ -99,7 +118,7 @@ class TrainConfig:
             num_res_blocks=self.num_res_blocks,
             attn_resolutions=tuple(self.attn_resolutions),
             dropout=self.dropout,
-            norm_num_groups=self.norm_num_groups,
+            norm_num_groups=self.norm_num_groups or default_norm_groups(self.ch),
         )
 
     def scheduler_config(self) -> SchedulerConfig:
@@ -111,6 +130,14 @@ class TrainConfig:
             variance_type=self.variance_type,
             clip_sample=True,
         )
+
+
+def default_norm_groups(ch: int) -> int:
+    """min(32, ch // 4) GroupNorm groups, lowered to a divisor of ch: at least 4 channels a group."""
+    groups = max(1, min(32, ch // 4))
+    while ch % groups:
+        groups -= 1
+    return groups
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -147,14 +174,39 @@ def _atomic_save(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# A run started from a model without a training.json (e.g. a converted one): its EMA counts as warmed up.
+_WARMED_UP = 10**9
+
+
 class Trainer:
     """Owns one run folder; `run()` trains until cfg.steps, checkpointing and resuming as it goes."""
 
     def __init__(self, cfg: TrainConfig):
         if cfg.dtype not in TRAIN_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(TRAIN_DTYPES)}, got {cfg.dtype!r}")
-        self.cfg = cfg
         self.out = Path(cfg.out)  # made at the end, once the data and the settings have passed
+        state_path = self.out / "state.pt"
+        state = torch.load(state_path, map_location="cpu", weights_only=True) if state_path.exists() else None
+        if cfg.norm_num_groups is None:  # a resumed run keeps its own (older runs saved the paper's 32)
+            saved_groups = state["config"].get("norm_num_groups") if state else None
+            cfg = dataclasses.replace(cfg, norm_num_groups=saved_groups or default_norm_groups(cfg.ch))
+        if cfg.ch // cfg.norm_num_groups < 2:
+            log.warning(
+                "%d GroupNorm groups for %d channels: fewer than 2 channels a group, so every norm removes "
+                "each channel's mean and samples drift to a grey background; --norm-groups %d (the default "
+                "for --ch %d) or fewer avoids it",
+                cfg.norm_num_groups,
+                cfg.ch,
+                default_norm_groups(cfg.ch),
+                cfg.ch,
+            )
+        self.cfg = cfg
         self.device = torch.device(cfg.device)
         if cfg.dtype == "bfloat16" and self.device.type == "cpu" and not cpu_has_native_bf16():
             log.warning(
@@ -185,16 +237,27 @@ class Trainer:
         self._sigints = 0  # Ctrl-Cs during this run()
         self._saving = False
         self._stop_now = False  # Ctrl-C again while a checkpoint was being written: stop when it is
-        if (self.out / "state.pt").exists():
-            self._resume()
+        started_from = cfg.init_from
+        if state is not None:
+            self._resume(state)
+            started_from = state["config"].get("init_from") or cfg.init_from
         elif cfg.init_from:
             self._init_from(cfg.init_from)
+        # The EMA warm-up counts on from the steps of the model a run started from (its weights are
+        # already an average: a warm-up from step 0 would wash them out with the first noisy updates).
+        self.ema_offset = self.earlier["step"] or (_WARMED_UP if started_from else 0)
         self.out.mkdir(parents=True, exist_ok=True)
 
     def _load_data(self) -> torch.Tensor:
         x = load_images(self.cfg.data)
-        if self.cfg.resolution is not None:
-            x = pad_to(x, self.cfg.resolution)
+        if (size := self.cfg.resolution) is not None:
+            h, w = x.shape[-2:]
+            if (size - h) % 2 or (size - w) % 2:  # the classifier of `ddpm eval` center-crops back
+                raise DataError(
+                    f"--resolution {size} would pad {h}×{w} images unevenly; pick one that adds an even "
+                    f"margin (e.g. {size + 1}) so the images stay centred"
+                )
+            x = pad_to(x, size)
         if x.shape[-1] != x.shape[-2]:
             raise DataError(f"{self.cfg.data}: images must be square, got {tuple(x.shape[-2:])}")
         if self.cfg.holdout:
@@ -203,8 +266,7 @@ class Trainer:
             x = x[keep]
         return x
 
-    def _resume(self) -> None:
-        state = torch.load(self.out / "state.pt", map_location="cpu", weights_only=True)
+    def _resume(self, state: dict) -> None:
         saved = state["config"]
         clashes = {
             k: (saved.get(k), getattr(self.cfg, k))
@@ -233,15 +295,55 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
+        self.step = self.saved_step = state["step"]
+        self._restore_noise_generator(state)
         self.data_generator.set_state(state["data_generator"])
         if "torch_rng" in state:  # runs saved before this was recorded resume without it
             torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and "cuda_rng" in state:  # dropout on CUDA draws from this one
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.order = state["order"]
-        self.step = self.saved_step = state["step"]
+        had = state.get("data_len")  # runs saved before this was recorded: an index past the end tells
+        if (had is not None and had != len(self.data)) or (
+            len(self.order) and self.order.max() >= len(self.data)
+        ):
+            log.warning(
+                "%s: the data holds %d images now (%s before): the shuffled epoch under way starts afresh",
+                self.out,
+                len(self.data),
+                "another number" if had is None else had,
+            )
+            self.order = torch.empty(0, dtype=torch.long)
         self.elapsed = state.get("elapsed", 0.0)
         self.earlier = state.get("earlier", self.earlier)
+        exported = _exported_step(self.out / "model")
+        if exported != self.step:  # a crash between the two writes (or an older run's order of them)
+            log.warning(
+                "%s holds step %s, state.pt step %d: it is written again",
+                self.out / "model",
+                exported,
+                self.step,
+            )
+            self.saved_step = None  # run() saves at its end, even with no step left to train
         log.info("resumed %s at step %d", self.out, self.step)
+
+    def _restore_noise_generator(self, state: dict) -> None:
+        """The t and ε generator lives on the training device, and a CPU state does not fit a CUDA
+        generator nor the reverse: on another kind of device it is seeded afresh, with a warning."""
+        saved_on = state.get("generator_device")  # None: a run saved before this was recorded
+        try:
+            if saved_on not in (None, self.device.type):
+                raise RuntimeError(f"saved on {saved_on}")
+            self.generator.set_state(state["generator"])
+        except RuntimeError:
+            self.generator.manual_seed(self.cfg.seed + 3 + self.step)
+            log.warning(
+                "%s: its noise generator was saved on %s, this run is on %s: the draws of t and ε go on "
+                "from a fresh seed (the run goes on, but not draw for draw as it would have there)",
+                self.out,
+                saved_on or "another kind of device",
+                self.device.type,
+            )
 
     def _init_from(self, path: str) -> None:
         """Start from a saved model (e.g. the bundled one) with a fresh optimizer: the way to go on
@@ -249,6 +351,22 @@ class Trainer:
         ckpt = load_checkpoint(path, device=self.device)
         if dataclasses.replace(ckpt.unet.config, dropout=self.unet_config.dropout) != self.unet_config:
             raise SystemExit(f"{path} has another architecture than this run: {ckpt.unet.config}")
+        theirs, ours = ckpt.scheduler, self.scheduler_config
+        keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas")
+        if clashes := {
+            k: (getattr(theirs, k), getattr(ours, k)) for k in keys if getattr(theirs, k) != getattr(ours, k)
+        }:
+            raise SystemExit(
+                f"{path} was trained with another noise schedule than this run: {clashes} (its, this run's); "
+                "its ε_θ would not fit this run's β_t: give its schedule (--beta-schedule) or start afresh"
+            )
+        if theirs.variance_type != ours.variance_type:
+            log.warning(
+                "%s samples with variance_type %s; this run's model/ will say %s (--variance-type)",
+                path,
+                theirs.variance_type,
+                ours.variance_type,
+            )
         self.model.load_state_dict(ckpt.unet.state_dict())
         self.ema.load_state_dict(ckpt.unet.state_dict())
         log.info("initialised %s from %s", self.out, path)
@@ -265,24 +383,10 @@ class Trainer:
             raise StopNow
 
     def _save(self) -> None:
-        _atomic_save(
-            {
-                "config": dataclasses.asdict(self.cfg),
-                "step": self.step,
-                "elapsed": self.elapsed,
-                "earlier": self.earlier,
-                "model": self.model.state_dict(),
-                "ema": self.ema.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "generator": self.generator.get_state(),
-                "data_generator": self.data_generator.get_state(),
-                "order": self.order,
-                "torch_rng": torch.get_rng_state(),  # dropout draws from the global generator
-            },
-            self.out / "state.pt",
-        )
+        # model/ first and state.pt last: a crash in between leaves state.pt behind model/, and the
+        # resume trains those steps again and writes both (the other way round model/ could stay behind)
         save_checkpoint(self.out / "model", self.ema, self.scheduler_config)
-        (self.out / "model" / "training.json").write_text(
+        _atomic_write_text(
             json.dumps(
                 {
                     "step": self.step,
@@ -295,7 +399,28 @@ class Trainer:
                 },
                 indent=2,
                 default=list,
-            )
+            ),
+            self.out / "model" / "training.json",
+        )
+        cuda = {"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}
+        _atomic_save(
+            {
+                "config": dataclasses.asdict(self.cfg),
+                "step": self.step,
+                "elapsed": self.elapsed,
+                "earlier": self.earlier,
+                "model": self.model.state_dict(),
+                "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(),
+                "generator_device": self.device.type,  # the state's format: CPU and CUDA ones differ
+                "data_generator": self.data_generator.get_state(),
+                "order": self.order,
+                "data_len": len(self.data),  # what `order` indexes
+                "torch_rng": torch.get_rng_state(),  # dropout draws from the global generator (on a CPU)
+                **cuda,  # and on CUDA from the device's own
+            },
+            self.out / "state.pt",
         )
 
     def next_batch(self) -> torch.Tensor:
@@ -322,7 +447,8 @@ class Trainer:
         return path
 
     def train_step(self, x0: torch.Tensor) -> float:
-        """One step of Algorithm 1 on the batch x0, then the EMA; returns the loss."""
+        """One step of Algorithm 1 on the batch x0, then the EMA; returns the loss. A non-finite loss or
+        gradient norm raises FloatingPointError before the weights change."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, self.cfg)
         with self._autocast():
@@ -332,9 +458,15 @@ class Trainer:
             raise FloatingPointError(f"loss is {value} at step {self.step}; lower --lr")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+        if not math.isfinite(norm):  # clipping by it would turn every weight into NaN
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(
+                f"gradient norm is {norm} at step {self.step} (loss {value:.4g}); stopped before the update; "
+                "lower --lr"
+            )
         self.optimizer.step()
-        ema_update(self.ema, self.model, ema_decay_at(self.step, self.cfg.ema_decay))
+        ema_update(self.ema, self.model, ema_decay_at(self.step + self.ema_offset, self.cfg.ema_decay))
         self.step += 1
         return value
 
@@ -410,6 +542,14 @@ def _earlier_training(init_from: str | None) -> dict[str, float]:
         "step": int(saved.get("total_step", saved.get("step", 0))),
         "train_seconds": float(saved.get("total_train_seconds", saved.get("train_seconds", 0.0))),
     }
+
+
+def _exported_step(model: Path) -> int | None:
+    """The step model/training.json records (None if there is none to read)."""
+    try:
+        return int(json.loads((model / "training.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _norm(v):

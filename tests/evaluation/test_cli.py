@@ -149,3 +149,22 @@ def test_eval_refuses_float16_on_the_cpu():
         ddpm(
             ["eval", "--n", "4", "--sampler", "ddim", "--steps", "2", "--dtype", "float16", "--device", "cpu"]
         )
+
+
+def test_eval_real_names_n_when_it_is_past_half_the_digits(small_mnist):
+    with pytest.raises(SystemExit) as e:
+        main(
+            [
+                "eval",
+                "--real",
+                "--n",
+                "1001",
+                "--data",
+                small_mnist,
+                "--classifier",
+                SHIPPED,
+                "--device",
+                "cpu",
+            ]
+        )
+    assert str(e.value.code).startswith("ddpm eval: --n 1001: with --real") and "2..1000" in str(e.value.code)

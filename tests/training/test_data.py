@@ -103,3 +103,36 @@ def test_pad_to_32_keeps_digit_centred_on_background():
     assert (p[:, :, :2] == -1).all() and (p[:, :, :, 30:] == -1).all()
     with pytest.raises(DataError, match="cannot pad"):
         pad_to(x, 20)
+
+
+def test_a_folder_of_all_four_mnist_files_reads_the_training_set(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 5), ("t10k", 3)):  # t10k-* sorts first
+        _write_idx(
+            tmp_path / f"{prefix}-images-idx3-ubyte.gz",
+            rng.integers(0, 256, (n, 4, 4), np.uint8),
+            compress=True,
+        )
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n, dtype=np.uint8), compress=True)
+    with caplog.at_level("INFO", logger="app.training.data"):
+        x, y = load_images(tmp_path, with_labels=True)
+    assert x.shape == (5, 1, 4, 4) and y.tolist() == list(range(5))
+    assert "train-images-idx3-ubyte.gz (5 images)" in caplog.text
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (tmp_path / name).rename(tmp_path / name.replace("train", "other"))
+    with pytest.raises(DataError, match=r"2 '\*images-idx\*' files .* which to read is unclear"):
+        load_images(tmp_path)
+
+
+def test_the_shared_test_set_folder_still_reads_and_says_which_file(caplog):
+    with caplog.at_level("INFO", logger="app.training.data"):
+        assert len(load_images(MNIST)) == 10_000
+    assert "t10k-images-idx3-ubyte.gz (10000 images)" in caplog.text
+
+
+def test_a_labels_file_given_as_images_is_refused(tmp_path):
+    _write_idx(tmp_path / "labels-idx1-ubyte", np.arange(5, dtype=np.uint8), compress=False)
+    with pytest.raises(
+        DataError, match=r"expected \(N, H, W\) uint8 images, got \(5,\) uint8 \(a labels file\?\)"
+    ):
+        load_images(tmp_path / "labels-idx1-ubyte")

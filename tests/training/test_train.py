@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from app.nets import load_checkpoint
-from app.training.train import TrainConfig, Trainer, ema_decay_at, ema_update, lr_at
+from app.training.data import DataError
+from app.training.train import TrainConfig, Trainer, default_norm_groups, ema_decay_at, ema_update, lr_at
 
 
 @pytest.fixture
@@ -186,3 +187,156 @@ def test_a_run_resumed_with_other_data_or_optimiser_settings_warns_naming_them(d
     with caplog.at_level("WARNING", logger="app.training.train"):
         Trainer(_config(digits, tmp_path / "run", steps=2, lr=1e-5))
     assert "goes on with changed settings: lr" in caplog.text and "-> 1e-05" in caplog.text
+
+
+def test_the_default_norm_groups_keep_channels_a_group_and_too_few_warn(digits, tmp_path, caplog):
+    assert [default_norm_groups(c) for c in (32, 64, 128, 256, 4, 2, 50)] == [8, 16, 32, 32, 1, 1, 10]
+    trainer = Trainer(_config(digits, tmp_path / "a", steps=1))  # no norm_num_groups: ch 32 -> 8
+    assert trainer.cfg.norm_num_groups == trainer.unet_config.norm_num_groups == 8
+    assert trainer.model.conv_norm_out.num_groups == 8
+    assert "GroupNorm groups" not in caplog.text
+    with caplog.at_level("WARNING", logger="app.training.train"):
+        paper = Trainer(
+            _config(digits, tmp_path / "b", steps=1, norm_num_groups=32)
+        )  # honoured, with a warning
+    assert paper.model.conv_norm_out.num_groups == 32
+    assert "32 GroupNorm groups for 32 channels: fewer than 2 channels a group" in caplog.text
+    paper.run()
+    # a run saved with 32 groups resumes without --norm-groups: it keeps its own, no clash
+    assert Trainer(_config(digits, tmp_path / "b", steps=2)).model.conv_norm_out.num_groups == 32
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_run_saved_on_another_kind_of_device_resumes_with_a_warning(digits, tmp_path, caplog, recorded):
+    out = tmp_path / "run"
+    Trainer(_config(digits, out, steps=2)).run()
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["generator_device"] == "cpu" and "cuda_rng" not in state  # CPU runs save no CUDA state
+    state["generator"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA (Philox) generator's state
+    if recorded:
+        state["generator_device"] = "cuda"
+    else:  # a run saved before the device was recorded
+        del state["generator_device"]
+    torch.save(state, out / "state.pt")
+    with caplog.at_level("WARNING", logger="app.training.train"):
+        resumed = Trainer(_config(digits, out, steps=3))
+    assert "noise generator was saved on" in caplog.text and "this run is on cpu" in caplog.text
+    resumed.run()
+    assert resumed.step == 3
+
+
+def test_a_crash_between_the_writes_of_a_checkpoint_leaves_no_stale_model(digits, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    Trainer(_config(digits, out, steps=2)).run()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr("app.training.train.save_checkpoint", crash)
+        with pytest.raises(OSError, match="disk full"):
+            Trainer(_config(digits, out, steps=4)).run()
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == 2  # state.pt is written last
+    Trainer(_config(digits, out, steps=4)).run()  # the same command, rerun
+    assert json.loads((out / "model" / "training.json").read_text())["step"] == 4
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == 4
+    # a model/ that is behind state.pt anyway (a run of the older write order) is written again
+    record = out / "model" / "training.json"
+    record.write_text(record.read_text().replace('"step": 4', '"step": 2'))
+    Trainer(_config(digits, out, steps=4)).run()
+    assert json.loads(record.read_text())["step"] == 4
+
+
+def test_a_non_finite_gradient_stops_before_the_update(digits, tmp_path):
+    out = tmp_path / "run"
+    trainer = Trainer(_config(digits, out, steps=4))
+    trainer.run()
+    trainer.cfg.steps = 6
+    before = [p.detach().clone() for p in [*trainer.model.parameters(), *trainer.ema.parameters()]]
+    weight = trainer.model.conv_out.weight
+    weight.register_hook(lambda g: g * float("nan"))  # the loss stays finite, one gradient does not
+    with pytest.raises(FloatingPointError, match="gradient norm is nan at step 4"):
+        trainer.run()
+    after = [*trainer.model.parameters(), *trainer.ema.parameters()]
+    assert all(torch.equal(p, q) for p, q in zip(before, after, strict=True))
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["step"] == 4 and all(v.isfinite().all() for v in state["model"].values())
+
+
+def test_ddpm_train_reports_a_non_finite_step_in_one_line(digits, tmp_path, monkeypatch):
+    from app.cli import main
+
+    def diverged(self, x0):
+        raise FloatingPointError(f"loss is nan at step {self.step}; lower --lr")
+
+    monkeypatch.setattr(Trainer, "train_step", diverged)
+    words = ["train", "--data", str(digits), "--out", str(tmp_path / "run"), "--ch", "32", "--ch-mult", "1,2"]
+    words += ["--num-res-blocks", "1", "--attn-resolutions", "4", "--device", "cpu"]
+    with pytest.raises(SystemExit) as e:
+        main(words)
+    assert e.value.code == "ddpm train: loss is nan at step 0; lower --lr; nothing saved"
+
+
+def test_a_run_from_a_model_goes_on_with_its_ema_warm_up(digits, tmp_path, monkeypatch):
+    model = Trainer(_config(digits, tmp_path / "first", steps=2)).run()
+    decays = []
+    monkeypatch.setattr("app.training.train.ema_update", lambda ema, net, decay: decays.append(decay))
+    Trainer(_config(digits, tmp_path / "second", steps=1, ema_decay=0.999, init_from=str(model))).run()
+    assert decays == [ema_decay_at(2, 0.999)]  # counted from the 2 steps the model had, not from 0
+    (model / "training.json").unlink()  # a model with no record of its training: warmed up already
+    Trainer(_config(digits, tmp_path / "third", steps=1, ema_decay=0.999, init_from=str(model))).run()
+    assert decays[1] == 0.999
+    Trainer(_config(digits, tmp_path / "plain", steps=1, ema_decay=0.999)).run()
+    assert decays[2] == ema_decay_at(0, 0.999)  # a new run warms up from its step 0 as before
+
+
+def test_a_run_from_a_model_refuses_another_noise_schedule(digits, tmp_path, caplog):
+    model = str(Trainer(_config(digits, tmp_path / "first", steps=1)).run())
+    for other in (dict(beta_schedule="cosine"), dict(num_timesteps=60), dict(beta_end=0.03)):
+        with pytest.raises(SystemExit, match="another noise schedule"):
+            Trainer(_config(digits, tmp_path / "next", steps=1, init_from=model, **other))
+    with caplog.at_level("WARNING", logger="app.training.train"):
+        Trainer(_config(digits, tmp_path / "next", steps=1, init_from=model, variance_type="fixed_small"))
+    assert "samples with variance_type fixed_large" in caplog.text
+
+
+def test_a_resume_names_a_changed_variance_type(digits, tmp_path, caplog):
+    Trainer(_config(digits, tmp_path / "run", steps=1)).run()
+    with caplog.at_level("WARNING", logger="app.training.train"):
+        Trainer(_config(digits, tmp_path / "run", steps=2, variance_type="fixed_small"))
+    assert "changed settings: variance_type 'fixed_large' -> 'fixed_small'" in caplog.text
+
+
+def test_a_resume_on_other_data_drops_the_epoch_under_way(digits, tmp_path, caplog):
+    out = tmp_path / "run"
+    Trainer(_config(digits, out, steps=1)).run()  # 8 of the 40 digits drawn, 32 indices to go
+    assert len(torch.load(out / "state.pt", weights_only=True)["order"]) == 32
+    with caplog.at_level("WARNING", logger="app.training.train"):
+        fewer = Trainer(_config(digits, out, steps=2, holdout=list(range(20))))
+    assert "the data holds 20 images now (40 before)" in caplog.text and len(fewer.order) == 0
+    fewer.run()
+    assert fewer.step == 2 and int(fewer.order.max()) < 20
+    rng = np.random.default_rng(1)
+    np.savez(digits, images=(rng.uniform(0, 1, (60, 8, 8)) > 0.6).astype(np.uint8) * 255)
+    more = Trainer(_config(digits, out, steps=3, holdout=list(range(20))))  # 40 of 60 after the holdout
+    assert len(more.order) == 0
+
+
+def test_odd_padding_is_refused_at_train_time(digits, tmp_path):
+    with pytest.raises(DataError, match="--resolution 9 would pad 8×8 images unevenly"):
+        Trainer(_config(digits, tmp_path / "odd", resolution=9, ch_mult=(1,), attn_resolutions=(9,)))
+    assert not (tmp_path / "odd").exists()
+    assert (
+        Trainer(_config(digits, tmp_path / "even", resolution=16, attn_resolutions=(8,))).data.shape[-1] == 16
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_run_saves_and_restores_the_cuda_generator(digits, tmp_path):
+    out = tmp_path / "run"
+    Trainer(_config(digits, out, steps=2, device="cuda")).run()  # dropout draws from the CUDA generator
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["generator_device"] == "cuda" and "cuda_rng" in state
+    torch.cuda.manual_seed(123)
+    Trainer(_config(digits, out, steps=3, device="cuda"))
+    assert torch.equal(torch.cuda.get_rng_state(), state["cuda_rng"])
