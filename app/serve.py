@@ -10,10 +10,10 @@ the models (exit 1), so a port that is taken fails at once, not after minutes of
 listens from then on: connections made while the models load wait, and are answered once uvicorn runs.
 Exit 3 too when the app's own start-up fails (logged by uvicorn).
 
-Limits (constants below): LIMIT_CONCURRENCY connections, idle keep-alive connections closed after
-KEEP_ALIVE_SECONDS; uvicorn has no timeout for a slow request body, which the reverse proxy in front
-must enforce (docs/deployment.md). X-Forwarded-For is believed only from the proxies that uvicorn's
-FORWARDED_ALLOW_IPS variable names (none by default).
+Limits (constants below): idle keep-alive connections closed after KEEP_ALIVE_SECONDS; no cap on
+connections (below), and no timeout for a slow request body: the reverse proxy in front limits
+connections per client and enforces body timeouts (docs/deployment.md). X-Forwarded-For is believed
+only from the proxies that uvicorn's FORWARDED_ALLOW_IPS variable names (none by default).
 
 SIGTERM (or Ctrl-C): uvicorn stops accepting connections and lets the requests in flight finish (up to
 `GRACEFUL_SHUTDOWN_SECONDS`). Open `/stream` connections would hold that until their jobs end, so
@@ -38,13 +38,12 @@ if TYPE_CHECKING:
 
 STARTUP_FAILURE = launch.STARTUP_FAILURE  # 3, uvicorn's exit status when the server did not start
 GRACEFUL_SHUTDOWN_SECONDS = 10  # for requests in flight at SIGTERM; open streams end at once (below)
-# Open connections (or requests in flight) beyond which uvicorn answers a new request 503 at once. A body
-# is read in full (up to DDPM_MAX_BODY_BYTES) before the API key is checked, so without a limit clients
-# that trickle bodies hold ever more connections and buffers; with it, at most this many bodies are read
-# at once. Room for a few hundred open /stream connections. A constant, not a setting (yet).
-LIMIT_CONCURRENCY = 256
-# Seconds an idle keep-alive connection stays open between requests (uvicorn's default, made explicit):
-# idle connections count towards LIMIT_CONCURRENCY. A proxy that reuses upstream connections must close
+# No `limit_concurrency`: uvicorn would count every open connection, /stream's and the POSTs waiting with
+# ?wait=true (hours, for long jobs) among them, and past the cap answer everything 503 in plain text, the
+# kubelet's /healthz too (a restart that ends every stream). Slow bodies and connection floods are the
+# reverse proxy's to limit, per client (docs/deployment.md).
+# Seconds an idle keep-alive connection stays open between requests (uvicorn's default, made explicit).
+# A proxy that reuses upstream connections must close
 # its idle ones sooner (docs/deployment.md). uvicorn has no timeout for reading a body: the proxy's job.
 KEEP_ALIVE_SECONDS = 5
 # uvicorn's own variable: the proxies (comma-separated addresses or networks, or *) whose X-Forwarded-For
@@ -118,7 +117,6 @@ def uvicorn_config(app: Any, settings: Settings, environ: Mapping[str, str] | No
         log_level=settings.log_level,
         backlog=launch.BACKLOG,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
-        limit_concurrency=LIMIT_CONCURRENCY,
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
         proxy_headers=bool(trusted),
         forwarded_allow_ips=trusted or None,

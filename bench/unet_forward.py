@@ -12,7 +12,9 @@ after the other), in ours eager's float32 and in the fast path's memory format a
 are nearly all of the FLOPs, so `conv_share` (their part of the forward's time) says how much the rest
 (GroupNorm, SiLU, attention, additions, layout changes: little arithmetic, much memory traffic) costs, and
 `bound` (diffusers' time over the fast path's convolutions alone) is the ratio a forward that spent
-nothing beside those convolutions would reach: no implementation on the same kernels gets past it.
+nothing beside those convolutions would reach: on a CPU no implementation on the same kernels gets past
+it; on a GPU it is looser (the convolutions alone are launched eagerly, one by one, where CUDA graphs or
+compile launch them together, so at small batches the fast path may beat it).
 Without diffusers installed (a bare GPU machine), its columns are left out and the rest still runs.
 """
 

@@ -81,8 +81,10 @@ def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
 
 
 def error_response(error: ApiError) -> JSONResponse:
+    # nosniff here too: the 500 handler answers outside the middleware that adds it to every other answer
+    headers = {"X-Content-Type-Options": "nosniff", **(error.headers or {})}
     return JSONResponse(
-        error_body(error.code, error.message, error.details), status_code=error.status, headers=error.headers
+        error_body(error.code, error.message, error.details), status_code=error.status, headers=headers
     )
 
 

@@ -6,7 +6,7 @@
         job = ddpm.sample(n=4, steps=100, sampler="ddim", seed=1, stream_every=10)
         for event in ddpm.stream(job):  # x̂₀ previews, then the final job
             if isinstance(event, Progress):
-                print(f"step {event.step}/{event.steps}, t = {event.t}", event.x0[0].size)
+                print(f"step {event.step}/{event.steps}, t = {event.t}", len(event.x0))  # 0: no images
             else:
                 job = event
         images = ddpm.images(job)  # float32 (4, C, H, W) in [-1, 1]

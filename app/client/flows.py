@@ -104,6 +104,7 @@ class EventStream:
                 t=data["t"],
                 x0=[decode_png(text) for text in data["x0"]],
                 xt=[decode_png(text) for text in xt] if xt else None,
+                budget_exhausted=bool(data.get("preview_budget_exhausted", False)),
             )
         if event == "done":
             self.ended = True

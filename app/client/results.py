@@ -127,12 +127,14 @@ class Progress:
     step: int
     steps: int
     t: int
-    x0: list[Image.Image]
+    x0: list[Image.Image]  # empty once the job's stored previews reached DDPM_MAX_PREVIEW_BYTES
     xt: list[Image.Image] | None = None
+    budget_exhausted: bool = False  # the server sends no more preview images for this job
 
-    def x0_array(self) -> np.ndarray:
-        """x̂₀ as float32 (n, C, H, W) in [-1, 1] (8-bit precision: previews travel as PNG)."""
-        return to_array(self.x0)
+    def x0_array(self) -> np.ndarray | None:
+        """x̂₀ as float32 (n, C, H, W) in [-1, 1] (8-bit precision: previews travel as PNG); None when the
+        event carries no images (`budget_exhausted`)."""
+        return to_array(self.x0) if self.x0 else None
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,13 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 def encoding_failure(error: Exception) -> dict[str, str]:
-    """The `error` of a job whose images or a preview could not be encoded."""
-    return {"code": "encoding_failed", "message": f"could not encode the job's images: {error}"}
+    """The `error` of a job whose images or a preview could not be encoded: the exception's type, not its
+    text (the server's log has that), as for the engine's own failures."""
+    kind = type(error).__name__
+    return {
+        "code": "encoding_failed",
+        "message": f"could not encode the job's images ({kind}); the server log has the details",
+    }
 
 
 class BrokenJobs:

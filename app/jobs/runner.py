@@ -114,7 +114,7 @@ class JobRunner:
         self, job_id: str, step: int, steps: int, t: int, x0: torch.Tensor | None, xt: torch.Tensor | None
     ) -> None:
         watched = self._lookup(job_id)  # now: the engine's end of the job may forget it before encode runs
-        budget = watched.previews if watched is not None else PreviewBudget.of({})
+        budget = watched.previews if watched is not None else PreviewBudget(0)  # not tracked: no images
 
         def encode() -> dict[str, Any] | None:
             if x0 is None or xt is None:  # the engine picks the preview steps

@@ -6,8 +6,9 @@ writes model/ first and state.pt last, so model/ is never behind state.pt; a res
 if its step is not state.pt's.
 
 A non-finite loss, or a finite loss with a non-finite gradient norm, stops the run with
-FloatingPointError before the update: the weights, the EMA and the last state.pt stay as they were
-(skipping such steps would hide a diverging run; lower --lr and resume).
+FloatingPointError before the update, after saving the run as it was then (its weights and EMA are
+the last good ones): no step is lost, and nothing non-finite is written (skipping such steps would hide
+a diverging run; lower --lr and resume).
 """
 
 from __future__ import annotations
@@ -234,6 +235,7 @@ class Trainer:
         self.earlier = _earlier_training(cfg.init_from)  # steps and seconds the started-from model had
         self.stopped_by: int | None = None  # the signal (SIGINT, SIGTERM) that ended the last run()
         self.saved_step: int | None = None  # the step state.pt holds
+        self._model_behind = False  # model/ holds an older step than state.pt: run() writes it again
         self._sigints = 0  # Ctrl-Cs during this run()
         self._saving = False
         self._stop_now = False  # Ctrl-C again while a checkpoint was being written: stop when it is
@@ -324,7 +326,7 @@ class Trainer:
                 exported,
                 self.step,
             )
-            self.saved_step = None  # run() saves at its end, even with no step left to train
+            self._model_behind = True  # run() saves at its end, even with no step left to train
         log.info("resumed %s at step %d", self.out, self.step)
 
     def _restore_noise_generator(self, state: dict) -> None:
@@ -377,6 +379,7 @@ class Trainer:
         try:
             self._save()
             self.saved_step = self.step
+            self._model_behind = False
         finally:
             self._saving = False
         if self._stop_now:
@@ -504,7 +507,12 @@ class Trainer:
         try:
             while self.step < cfg.steps and self.stopped_by is None:
                 started = time.perf_counter()
-                loss = self.train_step(self.next_batch())
+                try:
+                    loss = self.train_step(self.next_batch())
+                except FloatingPointError:  # stopped before the update: what the run has is still good
+                    if self.saved_step != self.step or self._model_behind:
+                        self.save()
+                    raise
                 took = time.perf_counter() - started
                 self.elapsed += took
                 smoothed = loss if smoothed is None else 0.98 * smoothed + 0.02 * loss
@@ -518,7 +526,7 @@ class Trainer:
                     log.info("time limit of %.0f s reached at step %d", max_seconds, self.step)
                     break
             bar.close()
-            if self.saved_step != self.step:
+            if self.saved_step != self.step or self._model_behind:
                 self.save()  # under the handlers still: a Ctrl-C now waits for the write
         finally:
             for s, handler in old.items():

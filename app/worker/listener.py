@@ -119,7 +119,7 @@ class RedisListener:
     ) -> None:
         with self._lock:  # now: the engine's end of the job may forget it before the writer runs
             watched = self._jobs.get(job_id)
-        budget = watched.previews if watched is not None else PreviewBudget.of({})
+        budget = watched.previews if watched is not None else PreviewBudget(0)  # not tracked: no images
 
         def write() -> None:
             preview = None

@@ -86,3 +86,15 @@ def test_one_api_key_cannot_fill_the_queue_for_everyone(model_dirs):
         assert again.status_code == 202
         for client, job in ((alice, again.json()), (bob, theirs.json()), (alice, running)):
             client.delete(f"/jobs/{job['id']}")
+
+
+def test_the_python_client_reads_progress_past_the_budget(budgeted):
+    from app.client import Client, Job, Progress
+
+    with Client(budgeted.url) as ddpm:
+        events = list(ddpm.stream(ddpm.sample(8, steps=40, seed=3, stream_every=1)))
+    progress = [e for e in events if isinstance(e, Progress)]
+    assert isinstance(events[-1], Job) and [p.step for p in progress] == list(range(1, 41))
+    first, last = progress[0], progress[-1]
+    assert not first.budget_exhausted and first.x0_array().shape == (8, 1, 8, 8)
+    assert last.budget_exhausted and last.x0 == [] and last.x0_array() is None  # was a ValueError

@@ -526,6 +526,7 @@ def test_a_bug_in_a_route_is_a_500_in_the_error_shape_without_its_details(live, 
     assert response.json() == {"error": {"code": "internal", "message": message}}
     for leak in ("Traceback", "RuntimeError", "secret", "File "):
         assert leak not in response.text
+    assert response.headers.get_list("x-content-type-options") == ["nosniff"]  # answered outside middleware
 
 
 # Models, health, metrics, docs

@@ -82,16 +82,26 @@ def test_redis_requires_the_password_it_got_on_stdin_and_shows_it_to_no_one(tmp_
         # `exec`: the shell became redis-server (it gets SIGTERM), whose arguments hold no password.
         cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes()
         assert b"redis-server" in cmdline and password.encode() not in cmdline, cmdline
+        assert Path(f"/proc/{process.pid}/exe").resolve().name.startswith("redis-"), "no exec: a shell"
     finally:
         process.terminate()
         process.wait(10)
 
 
-@pytest.mark.parametrize("password", ["", "placeholder"])
+@pytest.mark.parametrize("password", ["", "placeholder", "ChangeMe"])
 def test_redis_refuses_an_empty_or_placeholder_password_in_one_line(tmp_path, password):
     process, _ = _run(tmp_path, _placeholder() if password == "placeholder" else password)
     _, err = process.communicate(timeout=10)
     assert process.returncode == 1 and len(err.splitlines()) == 1 and "ddpm-secrets" in err, err
+
+
+@pytest.mark.parametrize("password", ["two words", 'quo"te', "new\nrename-command CONFIG x", "p@ss:w/rd"])
+def test_redis_refuses_a_password_its_config_parser_or_a_url_would_misread(tmp_path, password):
+    """The password reaches Redis as a config line (a space, quote or newline would break it or add
+    lines of its own) and the API as part of DDPM_REDIS_URL."""
+    process, _ = _run(tmp_path, password)
+    _, err = process.communicate(timeout=10)
+    assert process.returncode == 1 and "letters, digits and . _ ~ - only" in err, err
 
 
 def test_the_api_and_workers_refuse_the_placeholder_in_the_redis_url():

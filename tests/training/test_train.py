@@ -274,7 +274,23 @@ def test_ddpm_train_reports_a_non_finite_step_in_one_line(digits, tmp_path, monk
     words += ["--num-res-blocks", "1", "--attn-resolutions", "4", "--device", "cpu"]
     with pytest.raises(SystemExit) as e:
         main(words)
-    assert e.value.code == "ddpm train: loss is nan at step 0; lower --lr; nothing saved"
+    # The run as it was (step 0: the initial weights) is saved, and the same command resumes from it.
+    assert e.value.code == f"ddpm train: loss is nan at step 0; lower --lr; {tmp_path / 'run'} holds step 0"
+
+
+def test_a_non_finite_step_after_good_ones_saves_them_first(digits, tmp_path):
+    """The steps since the last checkpoint are good (the failed one changed nothing): they are saved
+    before the run stops, not lost to the checkpoint interval."""
+    out = tmp_path / "run"
+    trainer = Trainer(_config(digits, out, steps=4))
+    trainer.run()
+    trainer.cfg.steps, trainer.cfg.checkpoint_every = 10, 100
+    trainer.model.conv_out.weight.register_hook(lambda g: g * float("nan") if trainer.step == 6 else g)
+    with pytest.raises(FloatingPointError, match="at step 6"):
+        trainer.run()
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["step"] == 6 and all(v.isfinite().all() for v in state["model"].values())
+    assert json.loads((out / "model" / "training.json").read_text())["step"] == 6
 
 
 def test_a_run_from_a_model_goes_on_with_its_ema_warm_up(digits, tmp_path, monkeypatch):

@@ -195,7 +195,7 @@ async def test_a_job_whose_images_cannot_be_encoded_fails_and_frees_its_rows(
         error = json.loads(r.hget(KEYS.job(job.id), "error"))
         assert error == {
             "code": "encoding_failed",
-            "message": "could not encode the job's images: out of memory encoding a PNG",
+            "message": "could not encode the job's images (MemoryError); the server log has the details",
         }
         assert final_events(r, job.id) == [b"error"]
         while r.xpending(KEYS.queue("tiny"), GROUP)["pending"] or worker.free_rows() != 8:
@@ -236,7 +236,7 @@ async def test_a_preview_that_cannot_be_encoded_fails_the_job_stops_it_and_nothi
         error = json.loads(r.hget(KEYS.job(job.id), "error"))
         assert error == {
             "code": "encoding_failed",
-            "message": "could not encode the job's images: out of memory encoding a PNG",
+            "message": "could not encode the job's images (MemoryError); the server log has the details",
         }
         while r.xpending(KEYS.queue("tiny"), GROUP)["pending"] or worker.free_rows() != 8:
             assert time.monotonic() < deadline, "the entry was not acknowledged or the rows not freed"

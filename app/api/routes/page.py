@@ -20,7 +20,8 @@ ASSETS = {
     "app.js": "text/javascript",
     "style.css": "text/css",
 }
-# X-Content-Type-Options: nosniff is on every response of the app (app/api/middleware.py).
+# X-Content-Type-Options: nosniff is on every response of the app (app/api/middleware.py; errors.py for
+# the 500s), not on uvicorn's own answers to malformed requests.
 HEADERS = {
     "Cache-Control": "no-cache",  # revalidate (ETag), so a new deployment shows at once
 }
