@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -166,6 +168,17 @@ def _interrupt_or_fail(monkeypatch, error: BaseException) -> list[str]:
     return followed
 
 
+@contextmanager
+def _cancelled_after(live, followed: list[str]) -> Iterator[None]:
+    """Cancels the job the CLI left running (its cancel failed, or it never asked), for the next test."""
+    try:
+        yield
+    finally:
+        with live.client() as http:
+            http.delete(f"/jobs/{followed[0]}")
+            wait_done(http, followed[0])
+
+
 def _long_sample(url: str, tmp_path) -> None:
     main(["remote", "sample", "--url", url, "--model", "tiny", "--n", "1", "--out", str(tmp_path / "x.png")])
 
@@ -187,13 +200,8 @@ def test_ctrl_c_exits_130_with_a_warning_when_the_cancel_fails(live, tmp_path, m
         raise DDPMError(0, "unreachable", f"cannot reach {self.url}: connection refused")
 
     monkeypatch.setattr(Client, "cancel", cancel)
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            _long_sample(live.url, tmp_path)
-    finally:
-        with live.client() as http:
-            http.delete(f"/jobs/{followed[0]}")
-            wait_done(http, followed[0])
+    with pytest.raises(SystemExit) as exit_, _cancelled_after(live, followed):
+        _long_sample(live.url, tmp_path)
     assert exit_.value.code == 130
     said = capsys.readouterr().err
     assert f"interrupted (warning: job {followed[0]} was not cancelled: cannot reach {live.url}" in said
@@ -203,13 +211,8 @@ def test_ctrl_c_exits_130_with_a_warning_when_the_cancel_fails(live, tmp_path, m
 def test_an_error_while_following_names_the_job_and_where_to_see_it(live, tmp_path, monkeypatch):
     lost = DDPMError(0, "unreachable", f"cannot reach {live.url}: connection refused", attempts=6)
     followed = _interrupt_or_fail(monkeypatch, lost)
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            _long_sample(live.url, tmp_path)
-    finally:
-        with live.client() as http:
-            http.delete(f"/jobs/{followed[0]}")
-            wait_done(http, followed[0])
+    with pytest.raises(SystemExit) as exit_, _cancelled_after(live, followed):
+        _long_sample(live.url, tmp_path)
     assert str(exit_.value.code) == (
         f"ddpm remote sample: cannot reach {live.url}: connection refused; job {followed[0]} may still "
         f"be running: see {live.url}/jobs/{followed[0]} (unreachable, after 6 attempts)"

@@ -19,7 +19,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from app import metrics
 from tests.deploy.kustomize import render
 from tests.deploy.repo import CRD_KINDS, K8S, REPO, compose
-from tests.deploy.test_drift import DASHBOARD, _job_roles
+from tests.deploy.test_drift import DASHBOARD, job_selections
 
 RULES = REPO / "docker" / "prometheus" / "alerts.yml"
 RULE_FIELDS = {"alert", "expr", "for", "keep_firing_for", "labels", "annotations"}
@@ -138,18 +138,7 @@ def test_every_expression_names_real_metrics_labels_and_functions(rule):
 
 
 def test_the_job_matchers_select_the_same_roles_under_compose_and_the_operator():
-    jobs = _job_roles()
-    matchers = [m for rule in all_rules() for m in re.findall(r'\bjob\s*(=~|=)\s*"([^"]*)"', rule["expr"])]
-    assert matchers
-    for op, value in matchers:
-        selected = {
-            setup: {
-                role
-                for job, role in names.items()
-                if (job == value if op == "=" else re.fullmatch(value, job))
-            }
-            for setup, names in jobs.items()
-        }
+    for op, value, selected in job_selections([rule["expr"] for rule in all_rules()]):
         assert selected["compose"] == selected["kubernetes"] == {"worker"}, (op, value, selected)
 
 

@@ -168,14 +168,13 @@ def _job_roles() -> dict[str, dict[str, str]]:
     return jobs
 
 
-def test_dashboard_job_matchers_fit_compose_and_kubernetes():
-    """A panel on `job="ddpm-worker"` is empty under the Prometheus Operator, whose job is the Service's
-    name (ddpm-worker-metrics): each matcher must select the same roles in both set-ups."""
+def job_selections(expressions: list[str]) -> list[tuple[str, str, dict[str, set[str]]]]:
+    """Each `job` label matcher of these PromQL expressions (op, value) with the roles (api, worker) it
+    selects in each set-up: compose's job names and the Prometheus Operator's (the Services' names)."""
     jobs = _job_roles()
-    dashboard = json.loads(DASHBOARD.read_text())
-    expressions = [t["expr"] for p in dashboard["panels"] if p["type"] != "row" for t in p["targets"]]
     matchers = [m for expr in expressions for m in re.findall(r'\bjob\s*(=~|!~|!=|=)\s*"([^"]*)"', expr)]
-    assert matchers, "no panel selects by job: drop this test"
+    assert matchers, "nothing selects by job: drop this check"
+    selections = []
     for op, value in matchers:
         assert op in ("=", "=~"), f"job{op}: not checked here"
         selected = {
@@ -186,4 +185,14 @@ def test_dashboard_job_matchers_fit_compose_and_kubernetes():
             }
             for setup, names in jobs.items()
         }
+        selections.append((op, value, selected))
+    return selections
+
+
+def test_dashboard_job_matchers_fit_compose_and_kubernetes():
+    """A panel on `job="ddpm-worker"` is empty under the Prometheus Operator, whose job is the Service's
+    name (ddpm-worker-metrics): each matcher must select the same roles in both set-ups."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    expressions = [t["expr"] for p in dashboard["panels"] if p["type"] != "row" for t in p["targets"]]
+    for op, value, selected in job_selections(expressions):
         assert selected["compose"] and selected["compose"] == selected["kubernetes"], (op, value, selected)

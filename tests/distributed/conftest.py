@@ -21,8 +21,10 @@ import httpx
 import pytest
 import redis
 
+from app.jobs.redis_keys import Keys
+from app.jobs.registry import ModelSpec
 from tests.redis_server import RedisServer, free_port
-from tests.tiny import save_tiny
+from tests.tiny import save_tiny, tiny_checkpoint
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 HEARTBEAT_SECONDS = 0.5
@@ -147,6 +149,16 @@ class Cluster:
         for proc in [*self.apis, *self.workers.values()]:
             proc.stop()
         self.redis_server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, with the model `tiny` (T = 50) published as a worker would: an
+    API replica in distributed mode with no worker running."""
+    server = RedisServer(tmp_path / "redis", appendonly=False).start()
+    server.client().hset(Keys().models, "tiny", ModelSpec.of(tiny_checkpoint(timesteps=50)).to_json())
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

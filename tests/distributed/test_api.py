@@ -5,29 +5,15 @@ moves it. Queue positions after cancellations, and the answers while Redis is un
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import httpx
-import pytest
 
 from app.api import redis_dispatch
 from app.jobs.redis_keys import GROUP, Keys
-from app.jobs.registry import ModelSpec
 from app.settings import Settings
 from tests.api.conftest import live_server
-from tests.redis_server import RedisServer, free_port
-from tests.tiny import tiny_checkpoint
+from tests.redis_server import free_port
 
 KEYS = Keys()
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis", appendonly=False).start()
-    server.client().hset(KEYS.models, "tiny", ModelSpec.of(tiny_checkpoint(timesteps=50)).to_json())
-    yield server
-    server.stop()
 
 
 def settings(url: str) -> Settings:

@@ -4,27 +4,12 @@ which the Kubernetes readiness probe uses so that workers all down do not empty 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
-
 from app.jobs.redis_keys import Keys
-from app.jobs.registry import ModelSpec
 from app.settings import Settings
 from tests.api.conftest import live_server
-from tests.redis_server import RedisServer, free_port
-from tests.tiny import tiny_checkpoint
+from tests.redis_server import free_port
 
 KEYS = Keys()
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis", appendonly=False).start()
-    server.client().hset(KEYS.models, "tiny", ModelSpec.of(tiny_checkpoint(timesteps=50)).to_json())
-    yield server
-    server.stop()
 
 
 def test_without_workers_the_service_is_not_ready_but_the_replica_is_and_still_queues(redis_server):
