@@ -23,7 +23,9 @@ Output = Literal["png", "npy"]
 Kind = Literal["sample", "interpolate", "reconstruct", "likelihood"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
-_MODEL = Field(None, description="model name from GET /models; default: the server's default model")
+_MODEL = Field(
+    None, max_length=200, description="model name from GET /models; default: the server's default model"
+)
 _SEED = Field(None, ge=0, le=MAX_SEED, description="random seed; random when omitted (the job reports it)")
 _PREVIEWS = (
     "publish an x̂₀ preview on /stream every k steps (0: none); raised when needed so that one job keeps "

@@ -549,6 +549,10 @@ def test_a_request_can_pick_the_second_model(client):
         job["model"] == "tiny2" and job["params"]["variance"] == "posterior" and job["status"] == "succeeded"
     )
     assert "100" in error_of(client.post("/sample", json={"model": "tiny2", "steps": 101}), 422)["message"]
+    unknown = error_of(client.post("/sample", json={"model": "nope"}), 404)
+    assert unknown["code"] == "unknown_model" and "'nope'" in unknown["message"]
+    too_long = client.post("/sample", json={"model": "x" * 300})  # not echoed back at any length
+    assert too_long.status_code == 422 and "x" * 201 not in too_long.text
 
 
 def test_health_and_readiness(client):
