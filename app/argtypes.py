@@ -84,6 +84,17 @@ png_file = output_file(".png", "the grid is written as a PNG")
 npy_file = output_file(".npy", "the values are written by numpy.save", ignore_case=False)
 
 
+def check_sampler_options(args: argparse.Namespace) -> None:
+    """A sampler's own options only with that sampler: `--eta` is DDIM's, `--variance` (σ² = β or β̃)
+    ancestral sampling's; given with the other sampler they would be ignored without a word."""
+    if args.sampler != "ddim" and args.eta != 0:
+        raise ValueError(f"--eta {args.eta:g} applies to --sampler ddim only")
+    if args.sampler == "ddim" and getattr(args, "variance", None) is not None:
+        raise ValueError(
+            f"--variance {args.variance} applies to --sampler ddpm only (DDIM's noise comes from --eta)"
+        )
+
+
 def check_output_file(path: str | None, option: str) -> None:
     """ValueError unless `path` can be written as a file: its folder exists and is writable, and it is
     not itself a folder. Checked before the work, so a long run is not lost to a typo."""

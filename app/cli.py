@@ -24,6 +24,7 @@ from app.argtypes import (
     check_model_ref,
     check_output_file,
     check_output_folder,
+    check_sampler_options,
     decay,
     device,
     eta,
@@ -56,7 +57,7 @@ def _sample(args: argparse.Namespace) -> None:
 
     check_output_file(args.out, "--out")
     check_output_file(args.npy, "--npy")
-    _ddim_only_eta(args)
+    check_sampler_options(args)
     check_model_ref(args.model, "--model")
     ckpt = resolve_model(args.model, device=args.device)
     steps = args.steps or ckpt.scheduler.num_train_timesteps
@@ -77,11 +78,6 @@ def _sample(args: argparse.Namespace) -> None:
     if args.npy:
         np.save(args.npy, result.images.numpy().astype(np.float32))
     print(f"{args.out}: {args.n} images, seed {result.seed}, {steps} steps")
-
-
-def _ddim_only_eta(args: argparse.Namespace) -> None:
-    if args.sampler != "ddim" and args.eta != 0:
-        raise ValueError(f"--eta {args.eta:g} applies to --sampler ddim only")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -217,7 +213,7 @@ def _most_steps(model: Model | None) -> int:
 def _remote_sample(args: argparse.Namespace) -> None:
     check_output_file(args.out, "--out")
     check_output_file(args.npy, "--npy")
-    _ddim_only_eta(args)
+    check_sampler_options(args)
     with _client(args.url) as ddpm:
         model = _model(ddpm, args.model)
         steps = args.steps or _most_steps(model)  # the server's default: as many as it allows

@@ -20,6 +20,7 @@ from app.argtypes import (
     check_model_ref,
     check_output_file,
     check_output_folder,
+    check_sampler_options,
     device,
     eta,
     npy_file,
@@ -113,8 +114,10 @@ def _eval(args: argparse.Namespace) -> None:
     check_output_file(args.json, "--json")
     check_output_file(args.npy, "--npy")
     sampling = ["--npy"] * bool(args.npy) + [w for w in _fast_path_words(args) if w.startswith("--")]
+    sampling += [option for option, given in _sampling_options(args).items() if given]
     if args.real and sampling:
         raise ValueError(f"{', '.join(sampling)}: for samples of a model, not with --real")
+    check_sampler_options(args)
     if not args.real:
         check_model_ref(args.model, "--model")
     expected = f"a classifier folder ({CONFIG_NAME} and {WEIGHTS_NAME}), as train-classifier writes"
@@ -159,6 +162,19 @@ def _eval(args: argparse.Namespace) -> None:
     )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _sampling_options(args: argparse.Namespace) -> dict[str, bool]:
+    """Whether each option of the sampling was given (differs from its default): with --real, which
+    samples nothing, they would be ignored without a word."""
+    return {
+        "--model": args.model != str(DEFAULT_MODEL),
+        "--sampler": args.sampler != "ddpm",
+        "--steps": args.steps is not None,
+        "--variance": args.variance is not None,
+        "--eta": args.eta != 0,
+        "--seed": args.seed != 0,
+    }
 
 
 def _fast_path_words(args: argparse.Namespace) -> list[str]:

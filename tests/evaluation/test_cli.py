@@ -168,3 +168,35 @@ def test_eval_real_names_n_when_it_is_past_half_the_digits(small_mnist):
             ]
         )
     assert str(e.value.code).startswith("ddpm eval: --n 1001: with --real") and "2..1000" in str(e.value.code)
+
+
+@pytest.mark.parametrize(
+    ("words", "said"),
+    [
+        (
+            ["--sampler", "ddim", "--steps", "5", "--seed", "3"],
+            "--sampler, --steps, --seed: for samples of a model",
+        ),
+        (["--model", "models/other", "--variance", "beta"], "--model, --variance: for samples of a model"),
+    ],
+)
+def test_eval_real_refuses_the_options_of_sampling_it_would_ignore(small_mnist, words, said):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--real", "--n", "4", "--data", small_mnist, "--classifier", SHIPPED, *words])
+    assert str(e.value.code) == f"ddpm eval: {said}, not with --real"
+
+
+@pytest.mark.parametrize(
+    ("words", "said"),
+    [
+        (["--sampler", "ddpm", "--eta", "0.5"], "--eta 0.5 applies to --sampler ddim only"),
+        (
+            ["--sampler", "ddim", "--variance", "posterior"],
+            "--variance posterior applies to --sampler ddpm only",
+        ),
+    ],
+)
+def test_eval_refuses_the_options_of_the_other_sampler(small_mnist, words, said):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--n", "4", "--data", small_mnist, "--classifier", SHIPPED, *words])
+    assert str(e.value.code).startswith(f"ddpm eval: {said}")
