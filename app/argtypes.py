@@ -163,8 +163,9 @@ def check_model_ref(ref: str, option: str) -> None:
     whose weights are a folder, the run folder of `ddpm train` given for its model/. Anything else is
     left to resolve_model, which names the accepted forms."""
     from app.nets import PRESETS
-    from app.nets.resolve import preset_reference
+    from app.nets.resolve import named_reference, preset_reference
 
+    _, ref = named_reference(ref)
     path = Path(ref)
     if path.is_dir():
         _not_a_run_folder(path, option)

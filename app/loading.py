@@ -27,7 +27,8 @@ def load_models(settings: Settings) -> dict[str, Checkpoint]:
         seconds = time.perf_counter() - start
         if ckpt.name in checkpoints:
             raise ValueError(
-                f"two models are named {ckpt.name!r} ({checkpoints[ckpt.name].source} and {ref})"
+                f"two models are named {ckpt.name!r} ({checkpoints[ckpt.name].source} and {ref}); "
+                f"name one of them: NAME={ref}"
             )
         checkpoints[ckpt.name] = ckpt
         metrics.MODEL_LOAD_SECONDS.labels(model=ckpt.name).set(seconds)

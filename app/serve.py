@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = launch.parser(
         "ddpm-serve",
         "Serve DDPM sampling over HTTP (OpenAPI docs at /docs).",
-        model_help="model to load (folder, PRESET:WEIGHTS or hf:REPO); repeatable, the first is the default",
+        model_help="model to load (folder, PRESET:WEIGHTS or hf:REPO; NAME=REF names it); repeatable, the "
+        "first is the default",
     )
     p.add_argument("--host", help="address to listen on")
     p.add_argument("--port", type=int, help="TCP port")

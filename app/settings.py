@@ -45,8 +45,8 @@ class Settings(BaseSettings):
 
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="model references to load (folder, PRESET:WEIGHTS or hf:REPO), comma-separated or "
-        "JSON; the first is the default; empty = the bundled MNIST model",
+        description="model references to load (folder, PRESET:WEIGHTS or hf:REPO; NAME=REF names one), "
+        "comma-separated or JSON; the first is the default; empty = the bundled MNIST model",
     )
     host: str = Field("127.0.0.1", description="address to listen on (the API; a worker's metrics port)")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on")

@@ -24,13 +24,25 @@ from app.nets.presets import PRESETS
 
 _PRESET_REF = re.compile(r"(?P<preset>[A-Za-z][\w.-]*):(?P<weights>.+)")
 _HUB_REF = re.compile(r"hf:(?P<repo>[^@\s]+)(?:@(?P<revision>[^@\s]+))?")
+# NAME=REF: a name of the user's choosing for the model REF loads (two weights files of one preset, one
+# hub repository at two revisions); the name as the API shows it: letters, digits, . _ - (no path, no :).
+_NAMED_REF = re.compile(r"(?P<name>[A-Za-z0-9][\w.-]{0,63})=(?P<ref>.+)")
 
 
 def _forms() -> str:
     return (
         "accepted: a checkpoint folder; PRESET:WEIGHTS_FILE with PRESET one of "
-        f"{', '.join(PRESETS)} (weights in diffusers or original key names); hf:ORG/NAME[@REVISION]"
+        f"{', '.join(PRESETS)} (weights in diffusers or original key names); hf:ORG/NAME[@REVISION]; "
+        "any of them as NAME=REF to name the model"
     )
+
+
+def named_reference(ref: str) -> tuple[str | None, str]:
+    """(NAME, REF) of a `NAME=REF` reference, (None, ref) for the others (an existing path with a "=" in
+    its name is a path)."""
+    if Path(ref).exists() or not (match := _NAMED_REF.fullmatch(ref)):
+        return None, ref
+    return match["name"], match["ref"]
 
 
 def preset_reference(ref: str) -> tuple[str, str] | None:
@@ -43,7 +55,11 @@ def preset_reference(ref: str) -> tuple[str, str] | None:
 def resolve_model(ref: str, *, device: str | torch.device = "cpu") -> Checkpoint:
     """The checkpoint `ref` names: a local folder (diffusers layout), `PRESET:WEIGHTS_PATH` (a preset's
     architecture and scheduler with a weights file, e.g. `cifar10:/ckpt/model-790000.ckpt`), or
-    `hf:org/name[@revision]` (downloaded into, or read offline from, the Hugging Face cache)."""
+    `hf:org/name[@revision]` (downloaded into, or read offline from, the Hugging Face cache); any of them
+    as `NAME=REF`, the model then named NAME (else after its folder, preset or repository)."""
+    name, ref = named_reference(ref)
+    if name is not None:
+        return replace(resolve_model(ref, device=device), name=name)
     if Path(ref).is_dir():
         return load_checkpoint(ref, device=device)
     if hub := _HUB_REF.fullmatch(ref):

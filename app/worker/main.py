@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         "ddpm-worker",
         "Run DDPM jobs from the Redis queues of distributed mode (needs DDPM_REDIS_URL); "
         "see docs/distributed.md.",
-        model_help="model to load and serve (folder, PRESET:WEIGHTS or hf:REPO); repeatable",
+        model_help="model to load and serve (folder, PRESET:WEIGHTS or hf:REPO; NAME=REF names it); "
+        "repeatable",
     )
     p.add_argument("--name", help="consumer name, unique among the workers (default: HOST-PID)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")

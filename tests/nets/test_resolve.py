@@ -60,6 +60,33 @@ def test_preset_with_diffusers_weights(tmp_path, unet, tiny_preset):
     assert same_weights(resolve_model(f"tiny:{tmp_path / 'ema.safetensors'}").unet, unet)
 
 
+def test_two_weights_files_of_one_preset_served_side_by_side_under_names_of_their_own(
+    tmp_path, random_unet, tiny_preset
+):
+    """Without names both would be "tiny" (the preset's), and the service refuses two models of one name:
+    NAME=REF names each."""
+    from app.loading import load_models
+    from app.settings import Settings
+
+    ema, raw = random_unet(seed=1), random_unet(seed=2)
+    save_file(ema.state_dict(), tmp_path / "ema.safetensors")
+    save_file(raw.state_dict(), tmp_path / "raw.safetensors")
+    refs = [f"tiny:{tmp_path / 'ema.safetensors'}", f"tiny:{tmp_path / 'raw.safetensors'}"]
+    with pytest.raises(ValueError, match=r"two models are named 'tiny' .*; name one of them: NAME=tiny:"):
+        load_models(Settings(models=refs, device="cpu"))
+    loaded = load_models(Settings(models=[f"tiny-ema={refs[0]}", f"tiny-raw={refs[1]}"], device="cpu"))
+    assert list(loaded) == ["tiny-ema", "tiny-raw"]  # the first stays the default
+    assert same_weights(loaded["tiny-ema"].unet, ema) and same_weights(loaded["tiny-raw"].unet, raw)
+    assert loaded["tiny-raw"].source == refs[1]
+
+
+def test_a_folder_whose_name_holds_an_equals_sign_is_a_folder(tmp_path, unet):
+    save_checkpoint(tmp_path / "lr=2e-4", unet, SCHEDULER)
+    assert resolve_model(str(tmp_path / "lr=2e-4")).name == "lr=2e-4"
+    named = resolve_model(f"mine={tmp_path / 'lr=2e-4'}")
+    assert named.name == "mine" and same_weights(named.unet, unet)
+
+
 def test_preset_with_weights_of_another_architecture(tmp_path, unet, small_config):
     torch.save(to_original_state_dict(unet.state_dict(), small_config), tmp_path / "m.ckpt")
     with pytest.raises(
