@@ -64,6 +64,7 @@ class RedisDispatcher:
         self._workers: list[WorkerInfo] = []
         self._unreachable: str | None = None  # why the latest refresh could not read Redis; None if it could
         self._outage = False  # Redis failed a refresh and none has succeeded since (logged once each way)
+        self._gauged: set[str] = set()  # the models whose ddpm_queue_waiting this replica exports
         self._positions: dict[str, tuple[str, int]] = {}  # queued job id -> (model, 1-based place)
         self._left: set[str] = set()  # jobs this replica took out of a queue since the last refresh began
         self._refreshing = asyncio.Lock()  # one refresh at a time: an older snapshot never replaces a newer
@@ -133,6 +134,10 @@ class RedisDispatcher:
                 waiting[model] += 1
             for model, count in waiting.items():
                 metrics.QUEUE_WAITING.labels(model=model).set(count)
+            for model in self._gauged - waiting.keys():  # no longer published: its series goes, not stays
+                with contextlib.suppress(KeyError):
+                    metrics.QUEUE_WAITING.remove(model)
+            self._gauged = set(waiting)
             # A job taken out while this snapshot was read may still be in it: leave it out. The next
             # snapshot begins after this one ended, when every job in `_left` has left its queue in Redis.
             self._positions = {job: place for job, place in positions.items() if job not in self._left}

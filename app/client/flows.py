@@ -270,6 +270,8 @@ class BaseClient:
         if job.status != "succeeded":  # as the server answers `images` and `grid` of such a job
             state = "has not finished" if not job.done else f"ended as {job.status}"
             raise DDPMError(409, "not_finished", f"job {job_id} {state}; results exist once it has succeeded")
+        if not job.image_count:  # a likelihood job: numbers, no images; the server says so (404 no_images)
+            yield Call("GET", f"/jobs/{job_id}/images/0.png")
         images = []
         for k in range(job.image_count):
             response = yield Call("GET", f"/jobs/{job_id}/images/{k}.png")

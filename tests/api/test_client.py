@@ -96,8 +96,13 @@ def test_interpolate_reconstruct_and_likelihood_return_typed_results(ddpm):
     assert seeded.params["b"] == {"image": True}
     again = ddpm.reconstruct(ddpm.pil_images(sample)[0], model="tiny2", t=5, n=2, seed=2, wait=True)
     assert again.status == "succeeded" and ddpm.images(again).shape == (2, 1, 8, 8)
-    bound = ddpm.likelihood(ddpm.pil_images(sample), model="tiny2", wait=True).likelihood
+    scored = ddpm.likelihood(ddpm.pil_images(sample), model="tiny2", wait=True)
+    bound = scored.likelihood
     assert bound is not None and len(bound.bits_per_dim) == 2
+    for download in (ddpm.images, ddpm.pil_images):  # numbers, no images: both say so (pil_images gave [])
+        with pytest.raises(DDPMError) as caught:
+            download(scored)
+        assert (caught.value.status, caught.value.code) == (404, "no_images"), download
     total = np.add(np.add(bound.prior, bound.diffusion), bound.decoder)
     assert np.allclose(total, bound.bits_per_dim, rtol=1e-4) and min(bound.bits_per_dim) > 0
 

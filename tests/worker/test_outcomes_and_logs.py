@@ -187,6 +187,9 @@ async def test_the_api_exports_the_queue_depth_with_no_worker_up(dispatcher, r):
     await dispatcher.refresh()
     assert gauge._value.get() == 1
     assert "API replica" in metrics.QUEUE_WAITING._documentation
+    r.hdel(KEYS.models, "tiny")  # no worker publishes it any more: its series goes (it stayed at 1)
+    await dispatcher.refresh()
+    assert ("tiny",) not in metrics.QUEUE_WAITING._metrics
 
 
 async def test_a_redis_outage_is_logged_once_when_it_begins_and_once_when_it_ends(tmp_path, caplog):
