@@ -49,6 +49,36 @@ local function hset_pairs(key, first, last)
 end
 """
 
+# The jobs a queue's workers have not taken yet: its entries after the consumer group's last delivery
+# (none claimed yet) whose job is still queued, as {job id, owner JSON}; at most `most` entries read. A job
+# that left the queue without its entry (its record lost) is left out like one that left with it
+# (cancelled: XDEL). It reads the job hashes the entries name (one Redis, not a Cluster). Used by WAITING
+# (queue positions) and SUBMIT (an owner's waiting jobs).
+_WAITING_JOBS = r"""
+local function waiting_jobs(queue, group, most, before, after)
+  local start = '-'
+  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', queue)
+  if ok then
+    for _, g in ipairs(groups) do
+      local info = {}
+      for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+      if info['name'] == group then start = '(' .. info['last-delivered-id'] end
+    end
+  end
+  local jobs = {}
+  for _, entry in ipairs(redis.call('XRANGE', queue, start, '+', 'COUNT', most)) do
+    local fields = entry[2]
+    for i = 1, #fields, 2 do
+      if fields[i] == 'job' then
+        local job = redis.call('HMGET', before .. fields[i + 1] .. after, 'status', 'owner')
+        if job[1] == 'queued' then jobs[#jobs + 1] = {fields[i + 1], job[2]} end
+      end
+    end
+  end
+  return jobs
+end
+"""
+
 # ARGV: ttl_ms, field, value, …  ->  1, or 0 when the id is taken.
 CREATE = (
     _PRELUDE
@@ -156,15 +186,15 @@ return 'requested'
 # limit of jobs waiting: one step, so concurrent API replicas cannot overfill them. KEYS[5]: the model's
 # queue; KEYS[6…]: every other model's queue (for the totals).
 # Waiting entries are those not yet delivered: acknowledged entries are deleted, so XLEN − pending. An
-# owner's waiting jobs are read from the queues themselves (the entries after the group's last delivery
-# whose job is still queued and has that owner, as WAITING reads them), so no counter can drift when jobs
-# start, end, are cancelled, expire or are dead-lettered.
+# owner's waiting jobs are read from the queues themselves (`waiting_jobs` with that owner), so no counter
+# can drift when jobs start, end, are cancelled, expire or are dead-lettered.
 # ARGV: ttl_ms, max_queued, group, max per owner ('' = no limit), owner (JSON, as in the job hash), the job
 # key before the id, after it, n, n field/value pairs, m, m input name/bytes pairs, entry pairs
 #   ->  {'ok', waiting in this queue (= the job's position)} | {'full', waiting in all} |
 #       {'owner_full', the owner's jobs waiting} | {'exists', 0}
 SUBMIT = (
     _PRELUDE
+    + _WAITING_JOBS
     + r"""
 local group = ARGV[3]
 local function waiting(queue)
@@ -174,24 +204,9 @@ local function waiting(queue)
   return redis.call('XLEN', queue) - inflight
 end
 local function owned(queue, owner, most)
-  local start = '-'
-  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', queue)
-  if ok then
-    for _, g in ipairs(groups) do
-      local info = {}
-      for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
-      if info['name'] == group then start = '(' .. info['last-delivered-id'] end
-    end
-  end
   local count = 0
-  for _, entry in ipairs(redis.call('XRANGE', queue, start, '+', 'COUNT', most)) do
-    local fields = entry[2]
-    for i = 1, #fields, 2 do
-      if fields[i] == 'job' then
-        local job = redis.call('HMGET', ARGV[6] .. fields[i + 1] .. ARGV[7], 'status', 'owner')
-        if job[1] == 'queued' and job[2] == owner then count = count + 1 end
-      end
-    end
+  for _, job in ipairs(waiting_jobs(queue, group, most, ARGV[6], ARGV[7])) do
+    if job[2] == owner then count = count + 1 end
   end
   return count
 end
@@ -218,35 +233,19 @@ return {'ok', waiting(KEYS[5])}
 """
 )
 
-# The jobs waiting in one queue, in order, for the API's queue positions: the entries after the consumer
-# group's last delivery (none claimed yet) whose job is still queued, so a job that left the queue
-# without its entry (its record lost) stops counting like one that left with it (cancelled: XDEL). One
-# step, so an entry claimed meanwhile is never counted. It reads the job hashes the entries name (one
-# Redis, not a Cluster).
+# The jobs waiting in one queue, in order, for the API's queue positions (`waiting_jobs`): one step, so an
+# entry claimed meanwhile is never counted.
 # KEYS[1]: a queue. ARGV: group, most entries, the job key before the id, after it  ->  job ids.
-WAITING = r"""
-local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
-if not ok then return {} end
-local start = '-'
-for _, group in ipairs(groups) do
-  local info = {}
-  for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
-  if info['name'] == ARGV[1] then start = '(' .. info['last-delivered-id'] end
+WAITING = (
+    _WAITING_JOBS
+    + r"""
+local ids = {}
+for _, job in ipairs(waiting_jobs(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])) do
+  ids[#ids + 1] = job[1]
 end
-local waiting = {}
-for _, entry in ipairs(redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', ARGV[2])) do
-  local fields = entry[2]
-  for i = 1, #fields, 2 do
-    if fields[i] == 'job' then
-      local job = fields[i + 1]
-      if redis.call('HGET', ARGV[3] .. job .. ARGV[4], 'status') == 'queued' then
-        waiting[#waiting + 1] = job
-      end
-    end
-  end
-end
-return waiting
+return ids
 """
+)
 
 # A worker re-claims its own pending entries: with IDLE 0 every heartbeat (so a live worker's long job
 # is never taken over), or with IDLE = the reclaim time on SIGTERM (so others take them over at once).
