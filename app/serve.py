@@ -43,8 +43,8 @@ GRACEFUL_SHUTDOWN_SECONDS = 10  # for requests in flight at SIGTERM; open stream
 # kubelet's /healthz too (a restart that ends every stream). Slow bodies and connection floods are the
 # reverse proxy's to limit, per client (docs/deployment.md).
 # Seconds an idle keep-alive connection stays open between requests (uvicorn's default, made explicit).
-# A proxy that reuses upstream connections must close
-# its idle ones sooner (docs/deployment.md). uvicorn has no timeout for reading a body: the proxy's job.
+# A proxy that reuses upstream connections must close its idle ones sooner (docs/deployment.md). uvicorn
+# has no timeout for reading a body: the proxy's job.
 KEEP_ALIVE_SECONDS = 5
 # uvicorn's own variable: the proxies (comma-separated addresses or networks, or *) whose X-Forwarded-For
 # and X-Forwarded-Proto are believed. Unset or empty: none are, not even 127.0.0.1 (uvicorn's default),
@@ -106,8 +106,9 @@ def _serve(settings: Settings, sockets: list[socket.socket]) -> None:
 
 
 def uvicorn_config(app: Any, settings: Settings, environ: Mapping[str, str] | None = None) -> Any:
-    """uvicorn's `Config` for serving `app`: limits on connections and idle time, and X-Forwarded-*
-    headers believed only from the proxies that `FORWARDED_ALLOW_IPS` (in `environ`) names."""
+    """uvicorn's `Config` for serving `app`: idle keep-alive connections closed after KEEP_ALIVE_SECONDS,
+    and X-Forwarded-* headers believed only from the proxies that `FORWARDED_ALLOW_IPS` (in `environ`)
+    names."""
     import uvicorn
 
     trusted = (os.environ if environ is None else environ).get(FORWARDED_ALLOW_IPS, "").strip()

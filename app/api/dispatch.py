@@ -161,7 +161,7 @@ class LocalDispatcher:
         if self.queued() >= self.settings.max_queued_jobs:
             raise QueueFull
         limit = queued_jobs_per_owner(self.settings, job.owner)
-        if job.owner is not None and limit is not None and self.waiting_of(job.owner) >= limit:
+        if limit is not None and self.waiting_of(job.owner) >= limit:  # None without an owner
             raise OwnerQueueFull(limit)
         await self.store.create(job)
         self.runner.watch(work)
@@ -171,7 +171,7 @@ class LocalDispatcher:
             log.exception("job %s: the engine refused it", job.id)
             self.runner.forget(job.id)
             raise Unavailable(f"the {job.model} engine is not running; see /readyz") from e
-        if job.owner is not None and limit is not None:
+        if limit is not None:
             self._owned.setdefault(job.owner, {})[job.id] = job.model
 
     def waiting_of(self, owner: str) -> int:

@@ -53,18 +53,8 @@ class JobFailed(Exception):
 # What a client is told about an unexpected exception: its type and the job id to quote, never its text,
 # which may hold file paths (/tmp/torchinductor_…), device details or, for a batch, other users' jobs.
 # The full exception is logged at ERROR with the job id(s).
-def engine_error_message(error: BaseException, job_id: str) -> str:
-    return (
-        f"the engine failed on this step ({type(error).__name__}); the server log has the details, "
-        f"job {job_id}"
-    )
-
-
-def job_error_message(error: BaseException, job_id: str) -> str:
-    return (
-        f"this job failed in the engine ({type(error).__name__}); the server log has the details, "
-        f"job {job_id}"
-    )
+def redacted(what: str, error: BaseException, job_id: str) -> str:
+    return f"{what} ({type(error).__name__}); the server log has the details, job {job_id}"
 
 
 @dataclass(eq=False)
@@ -279,7 +269,7 @@ class Engine:
                     ", ".join(job_ids) or "none",
                 )
                 for job_id in job_ids:
-                    self._fail(job_id, "engine_error", engine_error_message(e, job_id))
+                    self._fail(job_id, "engine_error", redacted("the engine failed on this step", e, job_id))
                 self._active = []
             self._count_slots()  # also after the last job ended: the gauges go back to 0
 
@@ -400,7 +390,7 @@ class Engine:
             job_ids = sorted({g.job_id for g in active})
             log.exception("engine %s: step failed; failing job(s) %s", self.name, ", ".join(job_ids))
             for job_id in job_ids:
-                self._fail(job_id, "engine_error", engine_error_message(e, job_id))
+                self._fail(job_id, "engine_error", redacted("the engine failed on this step", e, job_id))
             return
         ENGINE_FORWARDS.labels(self.name).inc()
         ENGINE_BATCH_SIZE.labels(self.name).observe(rows)
@@ -489,7 +479,7 @@ class Engine:
     def _job_error(self, job_id: str, error: Exception) -> None:
         """Fail one job for an exception its own code raised (logged with its traceback)."""
         log.error("job %s failed: %s", job_id, traceback.format_exc())
-        self._fail(job_id, "job_error", job_error_message(error, job_id))
+        self._fail(job_id, "job_error", redacted("this job failed in the engine", error, job_id))
 
     def _fail(self, job_id: str, code: str, message: str) -> None:
         # Not the message: it may quote the job's parameters. The code says what went wrong.
