@@ -117,6 +117,22 @@ def test_invalid_settings_and_unknown_variables_are_one_line_each(monkeypatch):
     assert refusal.startswith("ddpm-worker: DDPM_REDIS_URL is not set")
 
 
+def assert_stops_at_once_on_sigterm(script: str, marker: str) -> None:
+    """Run `script` (a worker made slow at some point of its start-up, where it prints `marker`) as a
+    process, send it SIGTERM once it prints `marker`: it must end at once, exit 1, saying so."""
+    env = {**os.environ, "DDPM_REDIS_URL": NO_REDIS}
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    worker = subprocess.Popen([sys.executable, "-c", script], env=env, **pipes)
+    try:
+        assert worker.stdout.readline() == f"{marker}\n"
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=60)  # the scripts sleep 120 s where they are slow
+    finally:
+        worker.kill()
+    assert worker.returncode == 1, (worker.returncode, err)
+    assert err.strip().splitlines()[-1] == "ddpm-worker: stopped by SIGTERM before it started serving"
+
+
 def test_sigterm_while_the_models_load_stops_the_worker_at_once():
     """A pod stopped during start-up: in a container the worker is PID 1, which ignores a SIGTERM that has
     no handler, so without one it would wait out the pod's whole grace period. Loading is made slow here."""
@@ -129,18 +145,7 @@ def test_sigterm_while_the_models_load_stops_the_worker_at_once():
         "from app.cli import worker_main\n"
         "worker_main()\n"
     )
-    env = {**os.environ, "DDPM_REDIS_URL": NO_REDIS}
-    worker = subprocess.Popen(
-        [sys.executable, "-c", slow_load], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
-    try:
-        assert worker.stdout.readline() == "loading\n"
-        worker.send_signal(signal.SIGTERM)
-        _, err = worker.communicate(timeout=60)
-    finally:
-        worker.kill()
-    assert worker.returncode == 1, (worker.returncode, err)
-    assert err.strip().splitlines()[-1] == "ddpm-worker: stopped by SIGTERM before it started serving"
+    assert_stops_at_once_on_sigterm(slow_load, "loading")
 
 
 def test_sigterm_while_the_engines_warm_up_stops_the_worker_at_once():
@@ -157,14 +162,4 @@ def test_sigterm_while_the_engines_warm_up_stops_the_worker_at_once():
         "from app.cli import worker_main\n"
         "worker_main()\n"
     )
-    env = {**os.environ, "DDPM_REDIS_URL": NO_REDIS}
-    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-    worker = subprocess.Popen([sys.executable, "-c", slow_warm_up], env=env, **pipes)
-    try:
-        assert worker.stdout.readline() == "warming up\n"
-        worker.send_signal(signal.SIGTERM)
-        _, err = worker.communicate(timeout=30)
-    finally:
-        worker.kill()
-    assert worker.returncode == 1, (worker.returncode, err)
-    assert err.strip().splitlines()[-1] == "ddpm-worker: stopped by SIGTERM before it started serving"
+    assert_stops_at_once_on_sigterm(slow_warm_up, "warming up")
