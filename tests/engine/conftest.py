@@ -100,3 +100,21 @@ def sample_work(
         },
         inputs=inputs,
     )
+
+
+def fail_forward_once(engine: Engine, on_call: int, error: Exception) -> None:
+    """Make `engine`'s U-Net forward raise `error` on its `on_call`-th call from now on (once), as out of
+    device memory would: the other calls, and every attribute, are the real forward's."""
+    forward, calls = engine.forward, [0]
+
+    class FailsOnce:
+        def __call__(self, x, t):
+            calls[0] += 1
+            if calls[0] == on_call:
+                raise error
+            return forward(x, t)
+
+        def __getattr__(self, name):
+            return getattr(forward, name)
+
+    engine.forward = FailsOnce()

@@ -8,7 +8,7 @@ from app.diffusion import Variance, calc_bpd_loop
 from app.engine.work import Work
 from app.rng import ImageNoise
 from app.sampling import generate, schedule_of
-from tests.engine.conftest import sample_work
+from tests.engine.conftest import fail_forward_once, sample_work
 from tests.tiny import BATCH_ATOL
 
 
@@ -156,20 +156,7 @@ def test_a_fault_outside_any_job_fails_the_running_jobs_and_the_engine_goes_on(e
 def test_a_forward_that_raises_fails_every_job_in_that_step_and_the_engine_goes_on(engine_factory):
     """E.g. out of device memory in the U-Net: the batch's jobs fail, and the next job runs."""
     engine, rec = engine_factory()
-    forward = engine.forward
-    calls = [0]
-
-    class OutOfMemoryOnce:
-        def __call__(self, x, t):
-            calls[0] += 1
-            if calls[0] == 3:
-                raise RuntimeError("CUDA out of memory")
-            return forward(x, t)
-
-        def __getattr__(self, name):
-            return getattr(forward, name)
-
-    engine.forward = OutOfMemoryOnce()
+    fail_forward_once(engine, 3, RuntimeError("CUDA out of memory"))
     engine.submit(sample_work("a", n=1, steps=5))
     engine.submit(sample_work("b", n=2, steps=5))
     engine.start()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from tests.engine.conftest import sample_work
+from tests.engine.conftest import fail_forward_once, sample_work
 
 SECRET = "/tmp/torchinductor_alice/ab/cabc123.py: CUDA error on device 0 (NVIDIA H200, job other-users-job)"
 
@@ -17,20 +17,7 @@ def _error_records(caplog):
 
 def test_a_batch_failure_tells_each_job_only_its_own_id_and_logs_the_details(engine_factory, caplog):
     engine, rec = engine_factory()
-    forward = engine.forward
-    calls = [0]
-
-    class FailsOnce:
-        def __call__(self, x, t):
-            calls[0] += 1
-            if calls[0] == 2:
-                raise RuntimeError(SECRET)
-            return forward(x, t)
-
-        def __getattr__(self, name):
-            return getattr(forward, name)
-
-    engine.forward = FailsOnce()
+    fail_forward_once(engine, 2, RuntimeError(SECRET))
     engine.submit(sample_work("alice", n=1, steps=5))
     engine.submit(sample_work("bob", n=1, steps=5))
     with caplog.at_level(logging.WARNING, logger="app.engine.engine"):
