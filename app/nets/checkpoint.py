@@ -43,7 +43,9 @@ _LAYOUT = (
     "scheduler/ subfolders"
 )
 # What else may lie next to a config.json, for the error that finds no weights there.
-_OTHER_WEIGHTS = ("*.safetensors", "*.bin", "*.ckpt", "*.pt", "*.pth", "*.index.json", "*.index.*.json")
+# diffusers' index files of sharded weights (not read: named in errors).
+SHARD_INDEXES = ("*.index.json", "*.index.*.json")
+_OTHER_WEIGHTS = ("*.safetensors", "*.bin", "*.ckpt", "*.pt", "*.pth", *SHARD_INDEXES)
 
 # The paper's own release: TensorFlow checkpoints, model.ckpt-790000.{index,meta,data-00000-of-00001}.
 _TF_CHECKPOINT = re.compile(r".*\.(index|meta|data-\d+-of-\d+)")

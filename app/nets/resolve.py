@@ -12,6 +12,7 @@ import torch
 from app.nets.checkpoint import (
     CONFIG,
     SCHEDULER_CONFIG,
+    SHARD_INDEXES,
     WEIGHT_FILES,
     Checkpoint,
     load_checkpoint,
@@ -120,4 +121,4 @@ def _fetch_weights(fetch: Callable[[list[str]], Path], prefix: str) -> Path:
         folder = fetch([prefix + name])
         if (folder / prefix / name).is_file():
             return folder
-    return fetch([prefix + "*.index.json", prefix + "*.index.*.json"])
+    return fetch([prefix + pattern for pattern in SHARD_INDEXES])
