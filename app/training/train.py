@@ -373,6 +373,10 @@ class Trainer:
         self.ema.load_state_dict(ckpt.unet.state_dict())
         log.info("initialised %s from %s", self.out, path)
 
+    def _unsaved(self) -> bool:
+        """Whether the run has something a save would write: steps since state.pt, or a model/ behind it."""
+        return self.saved_step != self.step or self._model_behind
+
     def save(self) -> None:
         """Write state.pt atomically, then the EMA model in the diffusers layout."""
         self._saving = True
@@ -510,7 +514,7 @@ class Trainer:
                 try:
                     loss = self.train_step(self.next_batch())
                 except FloatingPointError:  # stopped before the update: what the run has is still good
-                    if self.saved_step != self.step or self._model_behind:
+                    if self._unsaved():
                         self.save()
                     raise
                 took = time.perf_counter() - started
@@ -526,7 +530,7 @@ class Trainer:
                     log.info("time limit of %.0f s reached at step %d", max_seconds, self.step)
                     break
             bar.close()
-            if self.saved_step != self.step or self._model_behind:
+            if self._unsaved():
                 self.save()  # under the handlers still: a Ctrl-C now waits for the write
         finally:
             for s, handler in old.items():
